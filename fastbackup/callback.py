@@ -1,0 +1,364 @@
+"""`BackupAndRestore`: the Keras callback users put in `model.fit`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import statistics
+import threading
+import time
+from typing import Any
+
+import keras
+
+from fastbackup import config as config_lib
+from fastbackup import format as fmt
+from fastbackup import restore, storage
+from fastbackup.snapshot import Snapshotter
+from fastbackup.writer import BackgroundWriter, WriterStats, as_write_error
+
+log = logging.getLogger("fastbackup")
+
+
+class BackupAndRestore(keras.callbacks.Callback):
+    """Callback to back up and restore the training state, asynchronously.
+
+    A drop-in replacement for `keras.callbacks.BackupAndRestore`: same
+    arguments, same files-on-interruption behaviour, same resume semantics.
+    A save costs the training step only a copy of the state into reused host
+    memory; a background thread encodes it, checksums it and writes it
+    durably (temporary file, fsync, atomic rename, directory fsync), so a
+    crash at any instant leaves a complete checkpoint whose weights,
+    optimizer state and epoch/batch all come from the same step.
+
+    If training restarts before completion, the training state (the model's
+    weights, optimizer and metric variables, and the epoch) is restored at
+    the beginning of the new `fit` call. At the end of a successful `fit`
+    the backup is deleted (unless `delete_checkpoint=False`).
+
+    Example:
+
+    >>> class InterruptingCallback(keras.callbacks.Callback):
+    ...   def on_epoch_begin(self, epoch, logs=None):
+    ...     if epoch == 4:
+    ...       raise RuntimeError('Interrupting!')
+    >>> callback = fastbackup.BackupAndRestore(backup_dir="/tmp/backup")
+    >>> model = keras.models.Sequential([keras.layers.Dense(10)])
+    >>> model.compile(keras.optimizers.SGD(), loss='mse')
+    >>> model.build(input_shape=(None, 20))
+    >>> try:
+    ...   model.fit(np.arange(100).reshape(5, 20), np.zeros(5), epochs=10,
+    ...             batch_size=1, callbacks=[callback, InterruptingCallback()],
+    ...             verbose=0)
+    ... except:
+    ...   pass
+    >>> history = model.fit(np.arange(100).reshape(5, 20), np.zeros(5),
+    ...                     epochs=10, batch_size=1, callbacks=[callback],
+    ...                     verbose=0)
+    >>> len(history.history['loss'])
+    6
+
+    Args:
+        backup_dir: String, path of the directory where the state is stored.
+            It must not be shared with another training run or another
+            callback (an advisory lock enforces this).
+        save_freq: `"epoch"`, integer, or `False`. `"epoch"` saves at the
+            end of each epoch; an integer N saves every N batches, counted
+            across epochs as Keras does; `False` disables periodic saves
+            (unlike Keras 3, which then saves after every batch). Defaults
+            to `"epoch"`.
+        double_checkpoint: Boolean. Keep the previous checkpoint too, and
+            restore it when the newest one cannot be loaded (damaged file).
+            Defaults to `False`.
+        delete_checkpoint: Boolean. Delete the backup directory at the end
+            of a successful `fit`. Defaults to `True`.
+        resume_mid_epoch: Boolean or `None`. When true, a checkpoint taken in
+            the middle of an epoch resumes at the next batch instead of
+            replaying its epoch from batch 0 (Keras's behaviour). `None`
+            reads `FASTBACKUP_RESUME_MID_EPOCH`. Defaults to `None`.
+        handle_sigterm: Boolean or `None`. When true, SIGTERM makes training
+            save at the next step boundary and stop. `None` reads
+            `FASTBACKUP_HANDLE_SIGTERM`. Defaults to `None`.
+    """
+
+    def __init__(
+        self,
+        backup_dir: str | os.PathLike[str],
+        save_freq: str | int | bool = "epoch",
+        double_checkpoint: bool = False,
+        delete_checkpoint: bool = True,
+        *,
+        resume_mid_epoch: bool | None = None,
+        handle_sigterm: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not backup_dir:
+            raise ValueError("Empty `backup_dir` argument passed")
+        if save_freq is not False and (
+            save_freq != "epoch"
+            and (
+                not isinstance(save_freq, int)
+                or isinstance(save_freq, bool)
+                or save_freq <= 0
+            )
+        ):
+            raise ValueError(
+                "Invalid value for argument `save_freq`. "
+                f"Received: save_freq={save_freq}. "
+                "Expected either 'epoch', a positive integer, or False."
+            )
+        self.backup_dir = os.fspath(backup_dir)
+        self.save_freq = save_freq
+        self.double_checkpoint = double_checkpoint
+        self.delete_checkpoint = delete_checkpoint
+        self.config = config_lib.from_environ()
+        self.resume_mid_epoch = (
+            self.config.resume_mid_epoch
+            if resume_mid_epoch is None
+            else bool(resume_mid_epoch)
+        )
+        self.handle_sigterm = (
+            self.config.handle_sigterm
+            if handle_sigterm is None
+            else bool(handle_sigterm)
+        )
+        # Batch-end work reads the variables, so it must run between steps,
+        # not on Keras's executor concurrently with the next step. With no
+        # batch-level saves the hook does nothing and may run anywhere.
+        self.async_safe = not isinstance(save_freq, int) or save_freq is False
+        self._batches_seen_since_last_saving = 0
+        self._last_batch_seen = 0
+        self._current_epoch = 0
+        self._deferred = False
+        self._writer: BackgroundWriter | None = None
+        self._snapshotter: Snapshotter | None = None
+        self._snapshotter_model: Any = None
+        self.blocking_seconds: list[float] = []
+        self.restored_from: tuple[int, int, int] | None = None
+        self._sigterm_pending = False
+        self._preempted = False
+        self._previous_sigterm: Any = None
+
+    # Public API -------------------------------------------------------------
+
+    @property
+    def stats(self) -> WriterStats:
+        """Counters of the background writer (saves, bytes, timings)."""
+        return self._get_writer().stats
+
+    def wait_until_finished(self, raise_errors: bool = True) -> None:
+        """Blocks until every checkpoint handed to the writer is durable.
+
+        Args:
+            raise_errors: re-raise a failure of the background writer.
+
+        Raises:
+            BackupWriteError: a background write failed.
+        """
+        if self._writer is not None:
+            self._writer.wait_until_finished(raise_errors=raise_errors)
+
+    # Keras hooks ------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        writer = self._get_writer()
+        # A previous, interrupted fit may still be writing its last state.
+        writer.wait_until_finished()
+        storage.acquire_lock(self.backup_dir, self)
+        storage.remove_temp_files(self.backup_dir)
+        checkpoints = storage.list_checkpoints(self.backup_dir)
+        writer.next_step = checkpoints[0][0] + 1 if checkpoints else 0
+        self._batches_seen_since_last_saving = 0
+        self._last_batch_seen = 0
+        self._deferred = False
+        self._sigterm_pending = False
+        self._preempted = False
+        self.blocking_seconds = []
+        if checkpoints:
+            self._restore()
+        if self._snapshotter is None or self._snapshotter_model is not self.model:
+            self._snapshotter = Snapshotter(self.model)
+            self._snapshotter_model = self.model
+        self._snapshotter.refresh()
+        if self.handle_sigterm:
+            self._install_sigterm_handler()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._raise_writer_error()
+        self._current_epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._raise_writer_error()
+        if self._sigterm_pending:
+            self._stop_for_preemption(batch)
+            return
+        due = self._should_save_on_batch(batch)
+        if due or self._deferred:
+            self._save(
+                self._current_epoch, batch, block=self.config.on_busy == "wait",
+                due=due,
+            )
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._raise_writer_error()
+        self._current_epoch = epoch + 1
+        self._last_batch_seen = 0
+        if self.save_freq == "epoch":
+            self._save(epoch + 1, 0, block=True)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._restore_sigterm_handler()
+        if self._deferred:
+            # A save fell due while the writer was busy: make it now rather
+            # than leave the newest due state unsaved.
+            self._save(self._current_epoch, self._last_batch_seen, block=True)
+        self._get_writer().wait_until_finished(raise_errors=False)
+        self._raise_writer_error()
+        self._log_summary()
+        # A preempted run must resume: its backup is kept.
+        if (
+            self.delete_checkpoint
+            and not self._preempted
+            and os.path.exists(self.backup_dir)
+        ):
+            storage.remove_backup_dir(self.backup_dir)
+        storage.release_lock(self.backup_dir, self)
+
+    # Internals ----------------------------------------------------------------
+
+    def _get_writer(self) -> BackgroundWriter:
+        if self._writer is None:
+            self._writer = BackgroundWriter(
+                self.backup_dir,
+                fmt.CompressionPolicy(self.config.compression_level),
+                keep=2 if self.double_checkpoint else 1,
+                sync=self.config.fsync,
+                buffers=1 + self.config.pending_snapshots,
+            )
+        return self._writer
+
+    def _raise_writer_error(self) -> None:
+        if self._writer is None:
+            return
+        error = self._writer.check_error()
+        if error is None:
+            return
+        if self.config.on_error == "warn":
+            log.warning("fastbackup: a checkpoint write failed; training "
+                        "goes on (FASTBACKUP_ON_ERROR=warn): %s", error)
+            return
+        raise as_write_error(error)
+
+    def _should_save_on_batch(self, batch: int) -> bool:
+        """Counts batches as Keras does, including `steps_per_execution`."""
+        if not isinstance(self.save_freq, int) or self.save_freq is False:
+            return False
+        if batch <= self._last_batch_seen:  # New epoch.
+            add_batches = batch + 1
+        else:
+            add_batches = batch - self._last_batch_seen
+        self._batches_seen_since_last_saving += add_batches
+        self._last_batch_seen = batch
+        if self._batches_seen_since_last_saving >= self.save_freq:
+            self._batches_seen_since_last_saving = 0
+            return True
+        return False
+
+    def _save(self, epoch: int, batch: int, block: bool, due: bool = True) -> None:
+        start = time.perf_counter()
+        writer = self._get_writer()
+        slot = writer.checkout(block=block)
+        if slot is None:
+            # The writer is busy: this save is merged into the next one,
+            # taken at the first step boundary where the writer is free.
+            if due:
+                writer.stats.coalesced += 1
+                log.debug("writer busy: save at epoch %d batch %d coalesced "
+                          "(%d so far)", epoch, batch, writer.stats.coalesced)
+            self._deferred = True
+            return
+        self._deferred = False
+        try:
+            os.makedirs(self.backup_dir, exist_ok=True)
+            snapshot = self._snapshotter.take(slot.snapshot, epoch, batch)  # type: ignore[union-attr]
+            snapshot.metadata = {"resume_mid_epoch": self.resume_mid_epoch}
+        except BaseException:
+            writer.cancel(slot)
+            raise
+        writer.submit(slot, snapshot)
+        self.blocking_seconds.append(time.perf_counter() - start)
+
+    def _restore(self) -> None:
+        model = self.model
+        if not model.built:
+            raise ValueError(
+                "To use the BackupAndRestore callback, "
+                "you model must be built before you call `fit()`. "
+                f"Model {model} is unbuilt. You can build it "
+                "beforehand by calling it on a batch of data."
+            )
+        if model.optimizer is not None and not model.optimizer.built:
+            # Make sure optimizer variables exist before loading.
+            model.optimizer.build(model.trainable_variables)
+        reader = restore.restore_latest(
+            self.backup_dir, model, fall_back=self.double_checkpoint
+        )
+        if reader is None:
+            return
+        self.restored_from = (reader.step, reader.epoch, reader.batch)
+        model._initial_epoch = reader.epoch
+        self._current_epoch = reader.epoch
+        log.info("restored %s: epoch %d, batch %d", reader.path, reader.epoch,
+                 reader.batch)
+
+    def _log_summary(self) -> None:
+        if not self.params or not self.params.get("verbose"):
+            return
+        s = self._get_writer().stats
+        blocking = (
+            statistics.median(self.blocking_seconds) * 1e3
+            if self.blocking_seconds else 0.0
+        )
+        last = (
+            f"step {s.last_durable[0]} (epoch {s.last_durable[1]}, batch "
+            f"{s.last_durable[2]})" if s.last_durable else "none"
+        )
+        print(
+            f"fastbackup: {s.saves} saves, {s.coalesced} coalesced, "
+            f"{s.bytes_written / 1e6:.1f} MB written, median blocking "
+            f"{blocking:.1f} ms/save, last durable {last}"
+        )
+
+    def _install_sigterm_handler(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("handle_sigterm needs fit() on the main thread; "
+                        "SIGTERM is not handled")
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: Any) -> None:
+            # Only a flag: the save must happen between two steps.
+            self._sigterm_pending = True
+
+        self._previous_sigterm = previous
+        signal.signal(signal.SIGTERM, handler)
+
+    def _stop_for_preemption(self, batch: int) -> None:
+        self._sigterm_pending = False
+        self._preempted = True
+        self._save(self._current_epoch, batch, block=True)
+        self.wait_until_finished()
+        self.model.stop_training = True
+        log.warning("SIGTERM: saved epoch %d batch %d, stopping training",
+                    self._current_epoch, batch)
+        previous = self._previous_sigterm
+        self._restore_sigterm_handler()
+        # The previous handler runs once our state is durable.
+        if callable(previous):
+            previous(signal.SIGTERM, None)
+
+    def _restore_sigterm_handler(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None

@@ -1,0 +1,162 @@
+"""Configuration read from `FASTBACKUP_*` environment variables.
+
+The variables are read once, when a callback is constructed, so a training
+job's behaviour cannot change under it. Every value is validated; a bad one
+raises `ConfigError` naming the variable, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+
+from fastbackup.errors import ConfigError
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Validated settings of one callback.
+
+    Attributes:
+        compression_level: zstd level tried on tensors that compress well
+            enough to pay for it; `None` turns compression off.
+            `FASTBACKUP_COMPRESSION`: an integer in [-7, 22] or "off".
+            Defaults to 1.
+        on_busy: what a batch-level save does while the previous one is still
+            being written. "coalesce" (default) never blocks the training
+            step: the save is taken at the first step boundary where the
+            writer is free (or replaces the pending snapshot); "wait" blocks
+            the step until the writer is free. `FASTBACKUP_ON_BUSY`.
+        pending_snapshots: host snapshots allowed to wait while another one
+            is written: 0 (default; peak extra memory is one copy of the
+            state) or 1 (two copies; a due save is snapshotted at once and
+            replaces any older pending one). `FASTBACKUP_PENDING_SNAPSHOTS`.
+        fsync: make every checkpoint durable with fsync before and after the
+            rename. Turning it off is only for benchmarks on tmpfs.
+            `FASTBACKUP_FSYNC`: on/off. Defaults to on.
+        on_error: what a failed background write does at the next callback
+            call: "raise" (default) raises `BackupWriteError` on the
+            training thread; "warn" logs a warning and keeps training.
+            `FASTBACKUP_ON_ERROR`.
+        log_level: level of the `fastbackup` logger, or `None` to leave it
+            alone. `FASTBACKUP_LOG_LEVEL`: debug, info, warning, error,
+            critical.
+        resume_mid_epoch: resume at the batch after the saved one instead
+            of replaying the saved epoch. `FASTBACKUP_RESUME_MID_EPOCH`:
+            on/off. Defaults to off (Keras's behaviour).
+        handle_sigterm: on SIGTERM, save at the next step boundary and stop
+            training. `FASTBACKUP_HANDLE_SIGTERM`: on/off. Defaults to off.
+    """
+
+    compression_level: int | None = 1
+    on_busy: str = "coalesce"
+    pending_snapshots: int = 0
+    fsync: bool = True
+    on_error: str = "raise"
+    log_level: str | None = None
+    resume_mid_epoch: bool = False
+    handle_sigterm: bool = False
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(
+        f"Invalid value for environment variable `{name}`. "
+        f"Received: {name}={raw!r}. Expected one of: "
+        f"{', '.join(_TRUE + _FALSE)}."
+    )
+
+
+def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(
+            f"Invalid value for environment variable `{name}`. "
+            f"Received: {name}={raw!r}. Expected one of: {', '.join(choices)}."
+        )
+    return value
+
+
+def _compression(name: str, raw: str) -> int | None:
+    value = raw.strip().lower()
+    if value in ("off", "none", "0", "false", "no"):
+        return None
+    try:
+        level = int(value)
+    except ValueError:
+        level = None
+    if level is None or not -7 <= level <= 22:
+        raise ConfigError(
+            f"Invalid value for environment variable `{name}`. "
+            f"Received: {name}={raw!r}. Expected an integer zstd level "
+            "from -7 to 22 (0 disables), or 'off'."
+        )
+    return level
+
+
+def from_environ(environ: Mapping[str, str] | None = None) -> Config:
+    """Reads and validates every `FASTBACKUP_*` variable.
+
+    Args:
+        environ: mapping to read instead of `os.environ` (for tests).
+
+    Returns:
+        The validated `Config`.
+
+    Raises:
+        ConfigError: a variable has a value outside the accepted ones, or an
+            unknown `FASTBACKUP_*` variable is set (a typo would otherwise
+            be silently ignored).
+    """
+    env = os.environ if environ is None else environ
+    kwargs: dict[str, object] = {}
+    parsers = {
+        "FASTBACKUP_COMPRESSION": ("compression_level", _compression),
+        "FASTBACKUP_ON_BUSY": (
+            "on_busy",
+            lambda n, r: _choice(n, r, ("coalesce", "wait")),
+        ),
+        "FASTBACKUP_PENDING_SNAPSHOTS": (
+            "pending_snapshots",
+            lambda n, r: int(_choice(n, r, ("0", "1"))),
+        ),
+        "FASTBACKUP_FSYNC": ("fsync", _bool),
+        "FASTBACKUP_ON_ERROR": (
+            "on_error",
+            lambda n, r: _choice(n, r, ("raise", "warn")),
+        ),
+        "FASTBACKUP_LOG_LEVEL": (
+            "log_level",
+            lambda n, r: _choice(n, r, _LOG_LEVELS),
+        ),
+        "FASTBACKUP_RESUME_MID_EPOCH": ("resume_mid_epoch", _bool),
+        "FASTBACKUP_HANDLE_SIGTERM": ("handle_sigterm", _bool),
+    }
+    # Variables that are read elsewhere, before any callback exists.
+    known_elsewhere = {"FASTBACKUP_PURE_PYTHON"}
+    for name, raw in env.items():
+        if not name.startswith("FASTBACKUP_"):
+            continue
+        if name in parsers:
+            field, parse = parsers[name]
+            kwargs[field] = parse(name, raw)
+        elif name not in known_elsewhere:
+            accepted = ", ".join(sorted(set(parsers) | known_elsewhere))
+            raise ConfigError(
+                f"Unknown environment variable `{name}`. "
+                f"Received: {name}={raw!r}. Known variables: {accepted}."
+            )
+    config = Config(**kwargs)  # type: ignore[arg-type]
+    if config.log_level is not None:
+        logging.getLogger("fastbackup").setLevel(config.log_level.upper())
+    return config

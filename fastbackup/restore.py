@@ -1,0 +1,138 @@
+"""Restoring a model's state from the newest valid checkpoint.
+
+Everything is verified before the model is touched: the file's checksums,
+and that every saved tensor matches a model variable by name, shape and
+dtype. A mismatch or damage never leaves a partially loaded model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import keras
+import numpy as np
+
+from fastbackup import storage
+from fastbackup.errors import CheckpointCorruptError, CheckpointMismatchError
+from fastbackup.format import CheckpointReader, dtype_from_name
+from fastbackup.snapshot import collect_variables
+
+log = logging.getLogger("fastbackup")
+
+
+def _host_dtype(variable: Any) -> np.dtype:
+    return dtype_from_name(keras.backend.standardize_dtype(variable.dtype))
+
+
+def read_state(reader: CheckpointReader, model: keras.Model) -> list[tuple[Any, np.ndarray]]:
+    """Reads and verifies every tensor of `reader` for `model`.
+
+    Args:
+        reader: an opened checkpoint.
+        model: the model the state is for; its optimizer must be built.
+
+    Returns:
+        `(variable, value)` pairs covering every variable of the model.
+
+    Raises:
+        CheckpointMismatchError: naming the first variable that differs.
+        CheckpointCorruptError: a tensor fails its checksum.
+    """
+    variables = collect_variables(model)
+    entries = {e.name: e for e in reader.entries}
+    expected = {name for name, _ in variables}
+    compiled = getattr(model, "_compile_metrics", None)
+    if compiled is not None and not compiled.built:
+        # On TensorFlow a fresh model builds its compiled metrics only when
+        # the first train step is traced, after `on_train_begin`. Keras
+        # resets metrics at every epoch start, so their saved values carry
+        # nothing a resumed epoch would use.
+        skipped = [
+            n for n in entries if n.startswith("metrics.") and n not in expected
+        ]
+        for name in skipped:
+            del entries[name]
+        if skipped:
+            log.debug("compiled metrics not built yet: %d saved metric "
+                      "variables not restored", len(skipped))
+    for name, variable in variables:
+        path = getattr(variable, "path", name)
+        entry = entries.get(name)
+        if entry is None:
+            raise CheckpointMismatchError(
+                f"Checkpoint {reader.path!r} does not match the model: "
+                f"variable {name} ({path}) is not in the checkpoint, which "
+                f"holds {len(entries)} variables for the model's "
+                f"{len(variables)}."
+            )
+        want_dtype = _host_dtype(variable).name
+        want_shape = tuple(int(d) for d in variable.shape)
+        if entry.shape != want_shape or entry.dtype != want_dtype:
+            raise CheckpointMismatchError(
+                f"Checkpoint {reader.path!r} does not match the model: "
+                f"variable {name} ({path}) is {want_shape} {want_dtype} in "
+                f"the model but {entry.shape} {entry.dtype} in the checkpoint "
+                f"(saved as {entry.path})."
+            )
+    extra = [n for n in entries if n not in expected]
+    if extra:
+        e = entries[extra[0]]
+        raise CheckpointMismatchError(
+            f"Checkpoint {reader.path!r} does not match the model: it holds "
+            f"variable {e.name} ({e.path}) that the model does not have "
+            f"(checkpoint: {len(entries)} variables, model: {len(variables)})."
+        )
+    values = []
+    for name, variable in variables:
+        entry = entries[name]
+        out = np.empty(entry.shape, dtype=entry.np_dtype)
+        reader.read_tensor(entry, out)
+        values.append((variable, out))
+    return values
+
+
+def restore_latest(
+    directory: str, model: keras.Model, fall_back: bool
+) -> CheckpointReader | None:
+    """Restores the newest valid checkpoint of `directory` into `model`.
+
+    Args:
+        directory: the backup directory.
+        model: a built model whose optimizer is built.
+        fall_back: when the newest checkpoint is damaged, restore the
+            previous one (`double_checkpoint=True`) instead of raising.
+
+    Returns:
+        The reader of the checkpoint restored (closed), or `None` when the
+        directory holds no checkpoint.
+
+    Raises:
+        CheckpointCorruptError: the newest checkpoint is damaged and no
+            fallback is allowed or available.
+        CheckpointMismatchError: the checkpoint does not fit the model.
+    """
+    candidates = storage.list_checkpoints(directory)
+    if not fall_back:
+        candidates = candidates[:1]
+    first_error: CheckpointCorruptError | None = None
+    for _, path in candidates:
+        try:
+            with CheckpointReader(path) as reader:
+                values = read_state(reader, model)
+        except CheckpointCorruptError as e:
+            log.warning("%s", e)
+            first_error = first_error or e
+            continue
+        for variable, value in values:
+            variable.assign(value)
+        if first_error is not None:
+            log.warning(
+                "restored the previous checkpoint %s (step %d, epoch %d) "
+                "because the newest one is damaged", path, reader.step,
+                reader.epoch,
+            )
+        return reader
+    if first_error is not None:
+        raise first_error
+    return None

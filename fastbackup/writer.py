@@ -1,0 +1,273 @@
+"""The background writer: one named thread that makes snapshots durable.
+
+The training thread checks a host buffer out of a small pool, fills it (see
+`snapshot`) and submits it; the writer thread encodes it (`format`) and
+commits it (`storage`), then returns the buffer to the pool. The pool holds
+one buffer, or two with `FASTBACKUP_PENDING_SNAPSHOTS=1`, so host memory is
+bounded whatever the disk's speed. When every buffer is busy, the training
+thread either waits or, by default, does not save now (the callback retries
+at the next step boundary: saves are coalesced, never queued without bound).
+
+An exception on the writer thread is kept and re-raised on the training
+thread (`check_error`, `wait_until_finished`), never swallowed. The thread is
+a daemon, and an `atexit` hook flushes every writer: a non-daemon thread
+blocked on its queue would hang interpreter exit (CPython joins non-daemon
+threads before running `atexit` handlers).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import dataclasses
+import logging
+import statistics
+import threading
+import weakref
+
+from fastbackup import format as fmt
+from fastbackup import storage
+from fastbackup.errors import BackupWriteError
+from fastbackup.snapshot import HostSnapshot
+
+log = logging.getLogger("fastbackup")
+
+_FREE, _FILLING, _QUEUED, _WRITING = "free", "filling", "queued", "writing"
+
+
+@dataclasses.dataclass
+class WriterStats:
+    """Counters of one writer, for the summary and the benchmarks.
+
+    Attributes:
+        saves: checkpoints made durable.
+        coalesced: due saves merged into a later one because the writer
+            was busy.
+        bytes_written: bytes written to checkpoint files.
+        raw_bytes: uncompressed state bytes of those checkpoints.
+        write_seconds: duration of each durable write (encode + commit).
+        last_durable: `(step, epoch, batch)` of the newest durable checkpoint.
+    """
+
+    saves: int = 0
+    coalesced: int = 0
+    bytes_written: int = 0
+    raw_bytes: int = 0
+    write_seconds: list[float] = dataclasses.field(default_factory=list)
+    last_durable: tuple[int, int, int] | None = None
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.raw_bytes / self.bytes_written if self.bytes_written else 1.0
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second of the durable writes, 0 before the first."""
+        total = sum(self.write_seconds)
+        return self.bytes_written / total if total else 0.0
+
+    def median_write_seconds(self) -> float:
+        return statistics.median(self.write_seconds) if self.write_seconds else 0.0
+
+
+class Slot:
+    """A reusable host buffer and its state in the pool."""
+
+    __slots__ = ("index", "snapshot", "state")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.snapshot: HostSnapshot | None = None
+        self.state = _FREE
+
+
+class BackgroundWriter:
+    """Owns the host-buffer pool and the writer thread of one callback.
+
+    Args:
+        directory: the backup directory.
+        policy: per-tensor compression decisions.
+        keep: checkpoints to keep (2 with `double_checkpoint`).
+        sync: fsync file and directory (off only for tmpfs benchmarks).
+        buffers: size of the host-buffer pool (1 or 2).
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        policy: fmt.CompressionPolicy,
+        keep: int,
+        sync: bool = True,
+        buffers: int = 1,
+    ) -> None:
+        self.directory = directory
+        self.policy = policy
+        self.keep = keep
+        self.sync = sync
+        self.stats = WriterStats()
+        self.next_step = 0
+        self._slots = [Slot(i) for i in range(buffers)]
+        self._queue: collections.deque[Slot] = collections.deque()
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        _live_writers.add(self)
+
+    # Training-thread side -------------------------------------------------
+
+    def checkout(self, block: bool) -> Slot | None:
+        """Takes a buffer to fill: a free one, else the pending one.
+
+        Args:
+            block: wait for the writer when every buffer is being written.
+
+        Returns:
+            The slot, or `None` when busy and `block` is false.
+        """
+        with self._cond:
+            while True:
+                for slot in self._slots:
+                    if slot.state == _FREE:
+                        slot.state = _FILLING
+                        return slot
+                if self._queue:
+                    # The newest state replaces a snapshot still waiting.
+                    slot = self._queue.pop()
+                    slot.state = _FILLING
+                    self.stats.coalesced += 1
+                    log.debug("coalesced a pending snapshot (%d so far)",
+                              self.stats.coalesced)
+                    return slot
+                if not block:
+                    return None
+                self._cond.wait()
+
+    def cancel(self, slot: Slot) -> None:
+        """Returns a checked-out slot unused (its snapshot failed)."""
+        with self._cond:
+            slot.state = _FREE
+            self._cond.notify_all()
+
+    def submit(self, slot: Slot, snapshot: HostSnapshot) -> None:
+        """Queues a filled buffer for writing."""
+        with self._cond:
+            slot.snapshot = snapshot
+            slot.state = _QUEUED
+            self._queue.appendleft(slot)
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(
+                    target=self._run, name="fastbackup-writer", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def busy(self) -> bool:
+        """True while a snapshot is queued or being written."""
+        with self._cond:
+            return any(s.state in (_QUEUED, _WRITING) for s in self._slots)
+
+    def check_error(self) -> BaseException | None:
+        """Pops the writer's stored exception, if any."""
+        with self._cond:
+            error, self._error = self._error, None
+        return error
+
+    def wait_until_finished(self, raise_errors: bool = True) -> None:
+        """Blocks until every submitted snapshot is durable or has failed.
+
+        Args:
+            raise_errors: raise the writer's stored error as
+                `BackupWriteError` (otherwise it stays stored).
+
+        Raises:
+            BackupWriteError: a write failed since the last check.
+        """
+        with self._cond:
+            while any(s.state in (_QUEUED, _WRITING) for s in self._slots):
+                self._cond.wait()
+        if raise_errors:
+            error = self.check_error()
+            if error is not None:
+                raise as_write_error(error)
+
+    def close(self) -> None:
+        """Flushes, then stops the thread; buffers are released."""
+        self.wait_until_finished(raise_errors=False)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        for slot in self._slots:
+            slot.snapshot = None
+
+    # Writer-thread side ---------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                slot = self._queue.pop()
+                slot.state = _WRITING
+                step = self.next_step
+                self.next_step += 1
+            try:
+                self._write(slot.snapshot, step)  # type: ignore[arg-type]
+            except BaseException as e:  # kept for the training thread
+                log.debug("background write of step %d failed: %r", step, e)
+                with self._cond:
+                    self._error = e
+            finally:
+                with self._cond:
+                    slot.state = _FREE
+                    self._cond.notify_all()
+
+    def _write(self, snapshot: HostSnapshot, step: int) -> None:
+        encoded = fmt.encode(snapshot, self.policy, step)
+        result = storage.commit(self.directory, step, encoded, self.sync)
+        # Older checkpoints go only once the new one is durable.
+        storage.prune(self.directory, self.keep)
+        self.policy.observe_write(result.nbytes, result.seconds)
+        with self._cond:
+            s = self.stats
+            s.saves += 1
+            s.bytes_written += result.nbytes
+            s.raw_bytes += snapshot.nbytes
+            s.write_seconds.append(result.seconds)
+            s.last_durable = (step, snapshot.epoch, snapshot.batch)
+        log.debug("checkpoint %s durable: %d bytes in %.3f s", result.path,
+                  result.nbytes, result.seconds)
+
+
+def as_write_error(error: BaseException) -> BackupWriteError:
+    """Wraps a writer-thread exception for raising on the training thread."""
+    if isinstance(error, BackupWriteError):
+        return error
+    detail = str(error) or type(error).__name__
+    err = BackupWriteError(
+        getattr(error, "errno", None) or 0,
+        f"background checkpoint write failed: {detail}",
+        getattr(error, "filename", None),
+    )
+    err.__cause__ = error
+    return err
+
+
+_live_writers: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for writer in list(_live_writers):
+        writer.wait_until_finished(raise_errors=False)
+        error = writer.check_error()
+        if error is not None:
+            log.error("fastbackup: the last checkpoint write failed at exit: "
+                      "%s", error)
+        writer.close()

@@ -1,0 +1,251 @@
+/*
+ * CRC-32C with a runtime choice between the SSE4.2 `crc32` instruction and a
+ * portable slicing-by-8 table. The hardware path runs three independent
+ * streams because the instruction has a latency of 3 cycles but a throughput
+ * of 1 per cycle; the three partial CRCs are merged by "shifting" the earlier
+ * ones over the length of the later blocks with precomputed tables (Mark
+ * Adler's crc32c.c, zlib's crc32_combine).
+ */
+#include "crc32c.h"
+
+#include <pthread.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#  define FB_HAVE_SSE42 1
+#  include <nmmintrin.h>
+#endif
+
+#define POLY 0x82f63b78u
+
+/* Block sizes of the interleaved hardware loop. LONG keeps the three streams
+ * far apart enough to cover most of a buffer; SHORT mops up what is left. */
+#define LONG_BLOCK 8192
+#define SHORT_BLOCK 256
+
+static uint32_t sw_table[8][256];
+static uint32_t shift_long[4][256];
+static uint32_t shift_short[4][256];
+
+typedef uint32_t (*crc_fn)(uint32_t, const unsigned char *, size_t);
+static crc_fn crc_impl;
+static const char *crc_impl_name;
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+
+static uint32_t
+gf2_matrix_times(const uint32_t *mat, uint32_t vec)
+{
+    uint32_t sum = 0;
+
+    while (vec) {
+        if (vec & 1)
+            sum ^= *mat;
+        vec >>= 1;
+        mat++;
+    }
+    return sum;
+}
+
+static void
+gf2_matrix_square(uint32_t *square, const uint32_t *mat)
+{
+    for (int n = 0; n < 32; n++)
+        square[n] = gf2_matrix_times(mat, mat[n]);
+}
+
+/* Operator that advances a CRC register over `len` zero bytes; `len` must be
+ * a power of two. */
+static void
+zeros_operator(uint32_t *even, size_t len)
+{
+    uint32_t odd[32];
+    uint32_t row = 1;
+
+    odd[0] = POLY; /* one zero bit */
+    for (int n = 1; n < 32; n++) {
+        odd[n] = row;
+        row <<= 1;
+    }
+    gf2_matrix_square(even, odd); /* two zero bits */
+    gf2_matrix_square(odd, even); /* four zero bits */
+    do {
+        gf2_matrix_square(even, odd);
+        len >>= 1;
+        if (len == 0)
+            return;
+        gf2_matrix_square(odd, even);
+        len >>= 1;
+    } while (len);
+    memcpy(even, odd, sizeof(odd));
+}
+
+static void
+build_shift_table(uint32_t table[4][256], size_t len)
+{
+    uint32_t op[32];
+
+    zeros_operator(op, len);
+    for (uint32_t n = 0; n < 256; n++) {
+        table[0][n] = gf2_matrix_times(op, n);
+        table[1][n] = gf2_matrix_times(op, n << 8);
+        table[2][n] = gf2_matrix_times(op, n << 16);
+        table[3][n] = gf2_matrix_times(op, n << 24);
+    }
+}
+
+static inline uint32_t
+shift_crc(uint32_t table[4][256], uint32_t crc)
+{
+    return table[0][crc & 0xff] ^ table[1][(crc >> 8) & 0xff] ^
+           table[2][(crc >> 16) & 0xff] ^ table[3][crc >> 24];
+}
+
+static uint32_t
+crc32c_sw(uint32_t crc, const unsigned char *p, size_t len)
+{
+    crc = ~crc;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    while (len && ((uintptr_t)p & 7) != 0) {
+        crc = sw_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+        len--;
+    }
+    while (len >= 8) {
+        uint64_t word;
+
+        memcpy(&word, p, 8);
+        word ^= crc;
+        crc = sw_table[7][word & 0xff] ^
+              sw_table[6][(word >> 8) & 0xff] ^
+              sw_table[5][(word >> 16) & 0xff] ^
+              sw_table[4][(word >> 24) & 0xff] ^
+              sw_table[3][(word >> 32) & 0xff] ^
+              sw_table[2][(word >> 40) & 0xff] ^
+              sw_table[1][(word >> 48) & 0xff] ^
+              sw_table[0][word >> 56];
+        p += 8;
+        len -= 8;
+    }
+#endif
+    while (len--)
+        crc = sw_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+#ifdef FB_HAVE_SSE42
+__attribute__((target("sse4.2"))) static uint32_t
+crc32c_sse42(uint32_t crc, const unsigned char *p, size_t len)
+{
+    /* The instruction works on 64-bit values; keeping the CRC in one avoids a
+     * zero-extension per step. */
+    uint64_t crc0 = (uint32_t)~crc;
+
+    while (len && ((uintptr_t)p & 7) != 0) {
+        crc0 = _mm_crc32_u8((uint32_t)crc0, *p++);
+        len--;
+    }
+    while (len >= 3 * LONG_BLOCK) {
+        uint64_t crc1 = 0, crc2 = 0;
+        const unsigned char *end = p + LONG_BLOCK;
+
+        do {
+            uint64_t w0, w1, w2;
+
+            memcpy(&w0, p, 8);
+            memcpy(&w1, p + LONG_BLOCK, 8);
+            memcpy(&w2, p + 2 * LONG_BLOCK, 8);
+            crc0 = _mm_crc32_u64(crc0, w0);
+            crc1 = _mm_crc32_u64(crc1, w1);
+            crc2 = _mm_crc32_u64(crc2, w2);
+            p += 8;
+        } while (p < end);
+        crc0 = shift_crc(shift_long, (uint32_t)crc0) ^ (uint32_t)crc1;
+        crc0 = shift_crc(shift_long, (uint32_t)crc0) ^ (uint32_t)crc2;
+        p += 2 * LONG_BLOCK;
+        len -= 3 * LONG_BLOCK;
+    }
+    while (len >= 3 * SHORT_BLOCK) {
+        uint64_t crc1 = 0, crc2 = 0;
+        const unsigned char *end = p + SHORT_BLOCK;
+
+        do {
+            uint64_t w0, w1, w2;
+
+            memcpy(&w0, p, 8);
+            memcpy(&w1, p + SHORT_BLOCK, 8);
+            memcpy(&w2, p + 2 * SHORT_BLOCK, 8);
+            crc0 = _mm_crc32_u64(crc0, w0);
+            crc1 = _mm_crc32_u64(crc1, w1);
+            crc2 = _mm_crc32_u64(crc2, w2);
+            p += 8;
+        } while (p < end);
+        crc0 = shift_crc(shift_short, (uint32_t)crc0) ^ (uint32_t)crc1;
+        crc0 = shift_crc(shift_short, (uint32_t)crc0) ^ (uint32_t)crc2;
+        p += 2 * SHORT_BLOCK;
+        len -= 3 * SHORT_BLOCK;
+    }
+    while (len >= 8) {
+        uint64_t w;
+
+        memcpy(&w, p, 8);
+        crc0 = _mm_crc32_u64(crc0, w);
+        p += 8;
+        len -= 8;
+    }
+    while (len--)
+        crc0 = _mm_crc32_u8((uint32_t)crc0, *p++);
+    return ~(uint32_t)crc0;
+}
+#endif
+
+static void
+init_tables(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t crc = n;
+
+        for (int k = 0; k < 8; k++)
+            crc = (crc & 1) ? (crc >> 1) ^ POLY : crc >> 1;
+        sw_table[0][n] = crc;
+    }
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t crc = sw_table[0][n];
+
+        for (int k = 1; k < 8; k++) {
+            crc = sw_table[0][crc & 0xff] ^ (crc >> 8);
+            sw_table[k][n] = crc;
+        }
+    }
+
+    crc_impl = crc32c_sw;
+    crc_impl_name = "slicing-by-8";
+#ifdef FB_HAVE_SSE42
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("sse4.2")) {
+        build_shift_table(shift_long, LONG_BLOCK);
+        build_shift_table(shift_short, SHORT_BLOCK);
+        crc_impl = crc32c_sse42;
+        crc_impl_name = "sse4.2";
+    }
+#endif
+}
+
+uint32_t
+fb_crc32c(uint32_t crc, const void *buf, size_t len)
+{
+    pthread_once(&init_once, init_tables);
+    return crc_impl(crc, (const unsigned char *)buf, len);
+}
+
+uint32_t
+fb_crc32c_portable(uint32_t crc, const void *buf, size_t len)
+{
+    pthread_once(&init_once, init_tables);
+    return crc32c_sw(crc, (const unsigned char *)buf, len);
+}
+
+const char *
+fb_crc32c_impl(void)
+{
+    pthread_once(&init_once, init_tables);
+    return crc_impl_name;
+}

@@ -1,0 +1,100 @@
+"""Shared fixtures: quiet TensorFlow, small deterministic models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _clean_fastbackup_env(monkeypatch):
+    # A developer's FASTBACKUP_* settings must not change test outcomes.
+    for name in list(os.environ):
+        if name.startswith("FASTBACKUP_") and name != "FASTBACKUP_PURE_PYTHON":
+            monkeypatch.delenv(name)
+    keras.utils.set_random_seed(1234)
+
+
+def make_model(units: int = 8, optimizer: str = "adam", input_dim: int = 6):
+    """A small model with trainable, non-trainable, seed and metric state."""
+    model = keras.Sequential(
+        [
+            keras.layers.Input((input_dim,)),
+            keras.layers.Dense(units, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.25),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=optimizer, loss="mse", metrics=["mae"])
+    return model
+
+
+def fresh_model(units: int = 8, input_dim: int = 6):
+    """A new, untrained model whose compiled metrics are built.
+
+    On TensorFlow, compiled metrics are built only when a step is traced;
+    `evaluate` builds them without touching weights or optimizer, so a
+    restore can be compared bitwise on every variable. The optimizer stays
+    unbuilt: restoring must build it.
+    """
+    model = make_model(units=units, input_dim=input_dim)
+    x, y = make_data(n=2, input_dim=input_dim)
+    model.evaluate(x, y, verbose=0)
+    assert not model.optimizer.built
+    return model
+
+
+def make_data(n: int = 32, input_dim: int = 6, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, input_dim)).astype("float32")
+    y = (x.sum(axis=1, keepdims=True) * 0.5).astype("float32")
+    return x, y
+
+
+def all_state(model, metrics: bool = True) -> list[np.ndarray]:
+    """Every variable a checkpoint covers, as numpy copies.
+
+    Args:
+        model: the model.
+        metrics: include metric variables (Keras resets them at each epoch
+            start, so a state read after that reset has them zeroed).
+    """
+    from fastbackup.snapshot import collect_variables
+
+    return [
+        np.array(v.numpy(), copy=True)
+        for name, v in collect_variables(model)
+        if metrics or not name.startswith("metrics.")
+    ]
+
+
+def assert_state_equal(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.dtype == y.dtype and x.shape == y.shape, i
+        assert x.tobytes() == y.tobytes(), f"variable #{i} differs"
+
+
+class InterruptAt(keras.callbacks.Callback):
+    """Raises RuntimeError at a given (epoch, batch) to simulate a crash."""
+
+    def __init__(self, epoch: int, batch: int | None = None):
+        super().__init__()
+        self.epoch = epoch
+        self.batch = batch
+        self._current = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current = epoch
+        if self.batch is None and epoch == self.epoch:
+            raise RuntimeError("Interrupting!")
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._current == self.epoch and batch == self.batch:
+            raise RuntimeError("Interrupting!")
