@@ -11,14 +11,22 @@ import time
 from typing import Any
 
 import keras
+import numpy as np
 
 from fastbackup import config as config_lib
 from fastbackup import format as fmt
 from fastbackup import restore, storage
-from fastbackup.snapshot import Snapshotter
+from fastbackup.snapshot import Snapshotter, collect_variables
 from fastbackup.writer import BackgroundWriter, WriterStats, as_write_error
 
 log = logging.getLogger("fastbackup")
+
+
+def tf_out_of_range() -> type[BaseException]:
+    """TensorFlow's end-of-data error, raised by `next()` on its iterators."""
+    import tensorflow as tf
+
+    return tf.errors.OutOfRangeError
 
 
 class BackupAndRestore(keras.callbacks.Callback):
@@ -136,6 +144,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._snapshotter_model: Any = None
         self.blocking_seconds: list[float] = []
         self.restored_from: tuple[int, int, int] | None = None
+        self._in_epoch = False
+        # Exact mid-epoch resume: batches of the resumed epoch already
+        # trained before the checkpoint, and the saved metric values.
+        self._skip_batches = 0
+        self._resume_epoch: int | None = None
+        self._saved_metrics: list[tuple[Any, Any]] = []
         self._sigterm_pending = False
         self._preempted = False
         self._previous_sigterm: Any = None
@@ -174,6 +188,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._deferred = False
         self._sigterm_pending = False
         self._preempted = False
+        self._in_epoch = False
+        self._skip_batches = 0
+        self._resume_epoch = None
+        self._saved_metrics = []
         self.blocking_seconds = []
         if checkpoints:
             self._restore()
@@ -187,9 +205,20 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._raise_writer_error()
         self._current_epoch = epoch
+        self._in_epoch = True
+        if epoch == self._resume_epoch and self._saved_metrics:
+            # Keras reset the metrics just before this hook; the resumed
+            # epoch continues the running values it had at the checkpoint.
+            for variable, value in self._saved_metrics:
+                variable.assign(value)
+        self._saved_metrics = []
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._raise_writer_error()
+        if self._skip_batches > 0:
+            # A batch trained before the checkpoint: skipped, not counted.
+            self._last_batch_seen = batch
+            return
         if self._sigterm_pending:
             self._stop_for_preemption(batch)
             return
@@ -204,6 +233,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._raise_writer_error()
         self._current_epoch = epoch + 1
         self._last_batch_seen = 0
+        self._in_epoch = False
+        self._skip_batches = 0
         if self.save_freq == "epoch":
             self._save(epoch + 1, 0, block=True)
 
@@ -282,7 +313,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         try:
             os.makedirs(self.backup_dir, exist_ok=True)
             snapshot = self._snapshotter.take(slot.snapshot, epoch, batch)  # type: ignore[union-attr]
-            snapshot.metadata = {"resume_mid_epoch": self.resume_mid_epoch}
+            # An epoch-end state and the state after batch 0 of the next
+            # epoch both record batch 0; the position tells them apart.
+            snapshot.metadata = {
+                "position": "batch_end" if self._in_epoch else "epoch_end",
+            }
         except BaseException:
             writer.cancel(slot)
             raise
@@ -309,8 +344,52 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.restored_from = (reader.step, reader.epoch, reader.batch)
         model._initial_epoch = reader.epoch
         self._current_epoch = reader.epoch
+        mid_epoch = reader.meta.get("extra", {}).get("position") == "batch_end"
+        if self.resume_mid_epoch and mid_epoch:
+            self._resume_mid_epoch(reader.epoch, reader.batch)
         log.info("restored %s: epoch %d, batch %d", reader.path, reader.epoch,
                  reader.batch)
+
+    def _resume_mid_epoch(self, epoch: int, batch: int) -> None:
+        """Makes the resumed `fit` skip the batches trained before `batch`.
+
+        Keras's loop cannot start mid-epoch, so the train function is
+        wrapped: for the first `batch + 1` steps of the resumed epoch it
+        consumes the input without training, so that the data position,
+        the optimizer's iteration count, the learning-rate schedule and
+        every seed generator continue exactly where the checkpoint was.
+        """
+        model = self.model
+        self._skip_batches = batch + 1
+        self._resume_epoch = epoch
+        self._saved_metrics = [
+            (v, np.array(v.numpy(), copy=True))
+            for name, v in collect_variables(model)
+            if name.startswith("metrics.")
+        ]
+        real = model.train_function
+        backend = keras.backend.backend()
+        steps = int(getattr(model, "steps_per_execution", 1) or 1)
+
+        def skipping_train_function(*args: Any) -> Any:
+            if self._skip_batches <= 0:
+                model.train_function = real
+                return real(*args)
+            self._skip_batches -= steps
+            if backend == "jax":
+                return {}, args[0]
+            if backend == "tensorflow":
+                iterator = args[0]
+                for _ in range(steps):
+                    try:
+                        next(iterator)
+                    except (StopIteration, tf_out_of_range()):
+                        break
+            return {}
+
+        model.train_function = skipping_train_function
+        log.info("resuming mid-epoch: epoch %d continues after batch %d",
+                 epoch, batch)
 
     def _log_summary(self) -> None:
         if not self.params or not self.params.get("verbose"):
