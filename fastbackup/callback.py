@@ -22,8 +22,10 @@ from fastbackup.writer import BackgroundWriter, WriterStats, as_write_error
 log = logging.getLogger("fastbackup")
 
 
-def tf_out_of_range() -> type[BaseException]:
-    """TensorFlow's end-of-data error, raised by `next()` on its iterators."""
+def end_of_data_error() -> type[BaseException]:
+    """The backend's end-of-data error besides `StopIteration`."""
+    if keras.backend.backend() != "tensorflow":
+        return StopIteration
     import tensorflow as tf
 
     return tf.errors.OutOfRangeError
@@ -179,7 +181,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         writer = self._get_writer()
         # A previous, interrupted fit may still be writing its last state.
         writer.wait_until_finished()
-        storage.acquire_lock(self.backup_dir, self)
+        storage.acquire_lock(
+            self.backup_dir,
+            self,
+            lambda: writer.wait_until_finished(raise_errors=False),
+        )
         storage.remove_temp_files(self.backup_dir)
         checkpoints = storage.list_checkpoints(self.backup_dir)
         writer.next_step = checkpoints[0][0] + 1 if checkpoints else 0
@@ -376,16 +382,17 @@ class BackupAndRestore(keras.callbacks.Callback):
                 model.train_function = real
                 return real(*args)
             self._skip_batches -= steps
-            if backend == "jax":
-                return {}, args[0]
-            if backend == "tensorflow":
-                iterator = args[0]
-                for _ in range(steps):
-                    try:
-                        next(iterator)
-                    except (StopIteration, tf_out_of_range()):
-                        break
-            return {}
+            if backend == "torch":
+                return {}  # the loop already took this step's batch
+            # TensorFlow's and JAX's train functions pull their batches
+            # from the iterator they are given; the skip must do the same.
+            iterator = args[1] if backend == "jax" else args[0]
+            for _ in range(steps):
+                try:
+                    next(iterator)
+                except (StopIteration, end_of_data_error()):
+                    break
+            return ({}, args[0]) if backend == "jax" else {}
 
         model.train_function = skipping_train_function
         log.info("resuming mid-epoch: epoch %d continues after batch %d",

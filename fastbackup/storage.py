@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from fastbackup._compat import native
@@ -131,9 +132,11 @@ def remove_backup_dir(directory: str) -> None:
 
 
 class _Held:
-    def __init__(self, fd: int, owner: Any) -> None:
+    def __init__(self, fd: int, owner: Any, flush: Callable[[], None]) -> None:
         self.fd = fd
         self.owner = weakref.ref(owner)
+        # Strong: a collected callback's writer thread may still be writing.
+        self.flush = flush
         self.thread = threading.get_ident()
 
 
@@ -141,7 +144,7 @@ _held: dict[str, _Held] = {}
 _held_lock = threading.Lock()
 
 
-def acquire_lock(directory: str, owner: Any) -> None:
+def acquire_lock(directory: str, owner: Any, flush: Callable[[], None]) -> None:
     """Takes the advisory lock of `directory` for `owner` (a callback).
 
     Across processes, `flock` makes the second user fail. Inside one
@@ -151,6 +154,11 @@ def acquire_lock(directory: str, owner: Any) -> None:
     exception never calls `on_train_end`, so its callback still holds the
     lock; rerunning `fit` with a new callback is the documented way to
     resume). The previous owner's pending writes are flushed first.
+
+    Args:
+        directory: the backup directory (created if missing).
+        owner: the callback taking the lock (held by weak reference).
+        flush: waits until the owner's pending writes are done.
 
     Raises:
         BackupDirLockedError: another process, or a callback training on
@@ -171,9 +179,9 @@ def acquire_lock(directory: str, owner: Any) -> None:
                     "callback training in this process",
                     directory,
                 )
-            if previous is not None:
-                previous.wait_until_finished(raise_errors=False)
+            held.flush()
             held.owner = weakref.ref(owner)
+            held.flush = flush
             held.thread = threading.get_ident()
             return
         os.makedirs(directory, exist_ok=True)
@@ -195,7 +203,7 @@ def acquire_lock(directory: str, owner: Any) -> None:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        _held[key] = _Held(fd, owner)
+        _held[key] = _Held(fd, owner, flush)
 
 
 def release_lock(directory: str, owner: Any) -> None:

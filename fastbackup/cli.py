@@ -1,0 +1,671 @@
+"""Command-line tools: `python -m fastbackup inspect | verify | export | bench`.
+
+* `inspect DIR` describes every checkpoint of a backup directory.
+* `verify DIR` checks every checkpoint's checksums; exit status 1 when any
+  is damaged.
+* `export DIR OUT.weights.h5 --model M` writes the newest valid checkpoint
+  as a Keras weights file, through a model of the same architecture.
+* `bench ARGS...` runs the benchmark harness (`python -m benchmarks ARGS`).
+
+Exit status: 0 success; 1 a damaged checkpoint was found, or `export` found
+no checkpoint it could restore; 2 a usage error (bad arguments, a missing or
+foreign directory, a model that cannot be loaded, no benchmark harness).
+Reports go to stdout, errors to stderr. Nothing in a backup directory is
+ever modified: leftover temporary files are reported, not deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import importlib.machinery
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from fastbackup import storage
+from fastbackup.errors import CheckpointCorruptError, CheckpointMismatchError
+from fastbackup.format import CheckpointReader
+
+EXIT_OK = 0
+EXIT_DAMAGED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """An error of the command line or its inputs; exit status 2."""
+
+
+class CommandFailed(Exception):
+    """The command ran but could not do its job; exit status 1."""
+
+
+# Backup directories --------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Target:
+    """What a DIR argument designates."""
+
+    directory: str
+    checkpoints: list[tuple[int | None, str]]  # newest first
+    temp_files: list[str]
+    lock_file: bool
+
+
+def _temp_files(directory: str) -> list[str]:
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(
+        os.path.join(directory, n) for n in names if storage._TEMP_RE.match(n)
+    )
+
+
+def _resolve(path: str) -> Target:
+    """Validates a DIR argument: a backup directory or one checkpoint file.
+
+    Raises:
+        UsageError: `path` does not exist, or is a directory holding neither
+            a checkpoint nor fastbackup's lock or temporary files.
+    """
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file or directory")
+    if os.path.isfile(path):
+        # A single checkpoint, e.g. one copied out of its directory.
+        return Target(os.path.dirname(path) or ".", [(None, path)], [], False)
+    if not os.path.isdir(path):
+        raise UsageError(f"{path}: not a directory or a checkpoint file")
+    try:
+        checkpoints = storage.list_checkpoints(path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot list the directory: {e}") from None
+    temps = _temp_files(path)
+    lock = os.path.exists(os.path.join(path, storage.LOCK_NAME))
+    if not checkpoints and not temps and not lock:
+        raise UsageError(
+            f"{path}: not a fastbackup backup directory (it holds no "
+            f"ckpt-<step>.fbk checkpoint and no {storage.LOCK_NAME} file)"
+        )
+    return Target(path, list(checkpoints), temps, lock)
+
+
+# Reading checkpoints ---------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Report:
+    """What `inspect` and `verify` learn about one checkpoint."""
+
+    file: str
+    status: str  # "ok", "damaged", "unverified" or "vanished"
+    error: str | None = None
+    step: int | None = None
+    epoch: int | None = None
+    batch: int | None = None
+    created: float | None = None
+    file_size: int | None = None
+    stored_bytes: int | None = None
+    raw_bytes: int | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tensors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.stored_bytes or self.raw_bytes is None:
+            return None
+        return self.raw_bytes / self.stored_bytes
+
+    def as_json(self, now: float, with_tensors: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "file": self.file,
+            "status": self.status,
+            "error": self.error,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+        }
+        if with_tensors:
+            out.update(
+                created=self.created,
+                age_seconds=(
+                    None if self.created is None else max(now - self.created, 0.0)
+                ),
+                file_size=self.file_size,
+                stored_bytes=self.stored_bytes,
+                raw_bytes=self.raw_bytes,
+                compression_ratio=self.ratio,
+                extra=self.extra,
+                tensors=self.tensors,
+            )
+        return out
+
+
+def _json_safe(value: Any) -> Any:
+    """Header `extra` values as JSON can hold them (bytes become hex)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    return value
+
+
+def _examine(path: str, verify: bool) -> Report:
+    """Opens, describes and (optionally) fully verifies one checkpoint."""
+    report = Report(file=path, status="unverified")
+    try:
+        reader = CheckpointReader(path)
+    except FileNotFoundError:
+        # A running training prunes its older checkpoints.
+        report.status = "vanished"
+        report.error = "removed while being read (pruned by a running training?)"
+        return report
+    except CheckpointCorruptError as e:
+        report.status, report.error = "damaged", e.reason
+        return report
+    except OSError as e:
+        report.status, report.error = "damaged", f"cannot be read: {e}"
+        return report
+    with reader:
+        meta = reader.meta
+        report.step, report.epoch, report.batch = (
+            reader.step, reader.epoch, reader.batch,
+        )
+        created = meta.get("created")
+        if isinstance(created, (int, float)) and not isinstance(created, bool):
+            report.created = float(created)
+        report.extra = _json_safe(meta.get("extra", {}))
+        report.file_size = reader.file_size
+        report.stored_bytes = sum(e.stored_size for e in reader.entries)
+        report.raw_bytes = sum(e.raw_size for e in reader.entries)
+        report.tensors = [
+            {
+                "name": e.name,
+                "path": e.path,
+                "dtype": e.dtype,
+                "shape": list(e.shape),
+                "codec": e.codec,
+                "stored_size": e.stored_size,
+                "raw_size": e.raw_size,
+                "crc32c": f"{e.crc32c:08x}",
+            }
+            for e in reader.entries
+        ]
+        if not verify:
+            return report
+        try:
+            reader.verify()
+        except CheckpointCorruptError as e:
+            report.status, report.error = "damaged", e.reason
+        except OSError as e:
+            report.status, report.error = "damaged", f"cannot be read: {e}"
+        else:
+            report.status = "ok"
+    return report
+
+
+# Formatting ------------------------------------------------------------------
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h ago"
+    return f"{seconds / 86400:.1f} days ago"
+
+
+def _position(r: Report) -> str:
+    return f"step {r.step}, epoch {r.epoch}, batch {r.batch}"
+
+
+def _table(rows: list[list[str]], out: TextIO, indent: str) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row, widths)]
+        out.write(indent + "  ".join(cells).rstrip() + "\n")
+
+
+def _print_inspect(r: Report, now: float, out: TextIO) -> None:
+    out.write(f"{os.path.basename(r.file)}\n")
+    if r.step is None:
+        out.write(f"  status:    DAMAGED: {r.error}\n")
+        return
+    when = "unknown"
+    if r.created is not None:
+        stamp = datetime.datetime.fromtimestamp(r.created).isoformat(
+            sep=" ", timespec="seconds"
+        )
+        when = f"{stamp} ({_age(now - r.created)})"
+    status = {
+        "ok": "ok (every checksum verified)",
+        "unverified": "not verified (--no-verify)",
+        "damaged": f"DAMAGED: {r.error}",
+        "vanished": f"vanished: {r.error}",
+    }[r.status]
+    ratio = r.ratio
+    out.write(f"  position:  {_position(r)}\n")
+    out.write(f"  created:   {when}\n")
+    out.write(f"  checksums: {status}\n")
+    out.write(
+        f"  size:      {_size(r.file_size)} file, {_size(r.stored_bytes)} "
+        f"stored for {_size(r.raw_bytes)} of state (compression ratio "
+        f"{'-' if ratio is None else f'{ratio:.2f}'})\n"
+    )
+    if r.extra:
+        extra = ", ".join(f"{k}={v!r}" for k, v in r.extra.items())
+        out.write(f"  metadata:  {extra}\n")
+    out.write(f"  variables: {len(r.tensors)}\n")
+    if r.tensors:
+        rows = [["name", "keras path", "dtype", "shape", "codec", "stored",
+                 "raw"]]
+        for t in r.tensors:
+            rows.append([
+                t["name"], t["path"], t["dtype"], str(tuple(t["shape"])),
+                t["codec"], _size(t["stored_size"]), _size(t["raw_size"]),
+            ])
+        _table(rows, out, "    ")
+
+
+# Commands --------------------------------------------------------------------
+
+
+def _examine_all(target: Target, verify: bool) -> list[Report]:
+    reports = [_examine(path, verify) for _, path in target.checkpoints]
+    return [r for r in reports if r.status != "vanished"]
+
+
+def _exit_status(reports: list[Report]) -> int:
+    return EXIT_DAMAGED if any(r.status == "damaged" for r in reports) else EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    target = _resolve(args.dir)
+    reports = _examine_all(target, verify=not args.no_verify)
+    now = time.time()
+    if args.json:
+        json.dump(
+            {
+                "directory": target.directory,
+                "lock_file": target.lock_file,
+                "checkpoints": [r.as_json(now, True) for r in reports],
+                "temp_files": target.temp_files,
+            },
+            out,
+            indent=2,
+        )
+        out.write("\n")
+        return _exit_status(reports)
+    if len(target.checkpoints) == 1 and target.checkpoints[0][0] is None:
+        out.write(f"checkpoint file {args.dir}\n\n")
+    else:
+        out.write(
+            f"backup directory {target.directory}: {len(reports)} "
+            f"checkpoint(s), newest first\n\n"
+        )
+    for r in reports:
+        _print_inspect(r, now, out)
+        out.write("\n")
+    for path in target.temp_files:
+        out.write(
+            f"leftover temporary file {os.path.basename(path)} "
+            f"({_size(_file_size(path))}): an interrupted write, or one in "
+            "progress\n"
+        )
+    return _exit_status(reports)
+
+
+def _file_size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
+    target = _resolve(args.dir)
+    reports = _examine_all(target, verify=True)
+    damaged = [r for r in reports if r.status == "damaged"]
+    newest = next((r for r in reports if r.status == "ok"), None)
+    if args.json:
+        json.dump(
+            {
+                "directory": target.directory,
+                "ok": not damaged,
+                "checkpoints": [r.as_json(0.0, False) for r in reports],
+                "newest_valid": None if newest is None else newest.file,
+                "temp_files": target.temp_files,
+            },
+            out,
+            indent=2,
+        )
+        out.write("\n")
+        return _exit_status(reports)
+    for r in reports:
+        name = os.path.basename(r.file)
+        if r.status == "ok":
+            out.write(
+                f"ok       {name}  {_position(r)}, {len(r.tensors)} "
+                f"variables, {_size(r.file_size)}\n"
+            )
+        else:
+            out.write(f"DAMAGED  {name}  {r.error}\n")
+    for path in target.temp_files:
+        out.write(
+            f"temp     {os.path.basename(path)}  leftover temporary file: an "
+            "interrupted write, or one in progress (not deleted; the next "
+            "training run on this directory removes it)\n"
+        )
+    summary = (
+        f"{len(reports)} checkpoint(s): {len(reports) - len(damaged)} ok, "
+        f"{len(damaged)} damaged"
+    )
+    if target.temp_files:
+        summary += f"; {len(target.temp_files)} temporary file(s)"
+    out.write(summary + "\n")
+    if newest is not None:
+        out.write(
+            f"newest valid checkpoint: {os.path.basename(newest.file)} "
+            f"({_position(newest)})\n"
+        )
+    elif not reports:
+        out.write("no checkpoint in this directory\n")
+    return _exit_status(reports)
+
+
+def _load_factory(spec: str) -> Any:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(
+            f"--model-factory {spec!r}: expected 'package.module:function'"
+        )
+    # Like `python -m`, find modules in the current directory.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise UsageError(
+            f"--model-factory {spec!r}: cannot import {module_name!r}: {e}"
+        ) from e
+    factory: Any = module
+    for part in attr.split("."):
+        try:
+            factory = getattr(factory, part)
+        except AttributeError:
+            raise UsageError(
+                f"--model-factory {spec!r}: {module_name!r} has no "
+                f"attribute {attr!r}"
+            ) from None
+    if not callable(factory):
+        raise UsageError(f"--model-factory {spec!r}: {attr!r} is not callable")
+    return factory()
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    import keras
+
+    if args.model is not None:
+        if not os.path.isfile(args.model):
+            raise UsageError(f"--model {args.model}: no such file")
+        try:
+            with warnings.catch_warnings():
+                # The file's own optimizer state is replaced by the
+                # checkpoint's; Keras warns when it cannot load it.
+                warnings.filterwarnings(
+                    "ignore", message="Skipping variable loading for optimizer"
+                )
+                model = keras.saving.load_model(args.model)
+        except Exception as e:
+            raise UsageError(
+                f"--model {args.model}: cannot load the model: {e}"
+            ) from e
+        source = args.model
+    else:
+        model = _load_factory(args.model_factory)
+        source = args.model_factory
+    if not isinstance(model, keras.Model):
+        raise UsageError(
+            f"{source}: expected a keras.Model, got {type(model).__name__}"
+        )
+    if not model.built:
+        raise UsageError(
+            f"{source}: the model is not built; build it (for example with "
+            "`keras.Input` or `model.build(input_shape)`) before exporting"
+        )
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        raise UsageError(
+            f"{source}: the model is not compiled; compile it with the "
+            "optimizer used in training, whose state the checkpoint holds"
+        )
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    return model
+
+
+def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
+    output = os.fspath(args.out)
+    if not output.endswith(".weights.h5"):
+        raise UsageError(
+            f"{output}: the output file name must end in `.weights.h5` "
+            "(Keras's `load_weights` reads weights files by that suffix)"
+        )
+    if os.path.exists(output) and not args.overwrite:
+        raise UsageError(f"{output}: file exists (use --overwrite to replace it)")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"{output}: directory {out_dir} does not exist")
+    target = _resolve(args.dir)
+    candidates = target.checkpoints
+    if args.step is not None:
+        candidates = [(s, p) for s, p in candidates if s == args.step]
+        if not candidates:
+            raise CommandFailed(
+                f"{args.dir}: no checkpoint with step {args.step}"
+            )
+    if not candidates:
+        raise CommandFailed(f"{args.dir}: no checkpoint to export")
+    model = _load_model(args)
+
+    from fastbackup import restore
+
+    chosen = None
+    for _, path in candidates:
+        try:
+            with CheckpointReader(path) as reader:
+                reader.verify()
+                values = restore.read_state(reader, model)
+                chosen = (path, reader.step, reader.epoch, reader.batch)
+        except FileNotFoundError:
+            continue
+        except CheckpointCorruptError as e:
+            sys.stderr.write(f"fastbackup: skipping damaged checkpoint: {e}\n")
+            continue
+        except CheckpointMismatchError as e:
+            raise CommandFailed(
+                f"{e} The model given to export must have the architecture, "
+                "optimizer and compiled metrics of the trained one."
+            ) from e
+        break
+    if chosen is None:
+        raise CommandFailed(f"{args.dir}: no valid checkpoint to export")
+    for variable, value in values:
+        variable.assign(value)
+    # Keras writes in place; write next to the target and rename, so that
+    # an interrupted export never leaves a torn file under the final name.
+    base = os.path.basename(output)
+    tmp = os.path.join(out_dir, f".{base[: -len('.weights.h5')]}.{os.getpid()}"
+                                f".tmp.weights.h5")
+    try:
+        model.save_weights(tmp)
+        os.replace(tmp, output)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    path, step, epoch, batch = chosen
+    out.write(
+        f"exported {os.path.basename(path)} (step {step}, epoch {epoch}, "
+        f"batch {batch}; {len(values)} variables) to {output}\n"
+    )
+    if epoch:
+        out.write(
+            f"the weights file does not record the epoch: resume with "
+            f"model.fit(..., initial_epoch={epoch})\n"
+        )
+    return EXIT_OK
+
+
+def _find_benchmarks() -> str | None:
+    """Directory of the `benchmarks` package `python -m` would run, if any.
+
+    Searched like `python -m benchmarks` does: the current directory first,
+    then `sys.path`.
+    """
+    search = [os.getcwd()] + [p or os.getcwd() for p in sys.path]
+    spec = importlib.machinery.PathFinder.find_spec("benchmarks", search)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        if os.path.isfile(os.path.join(location, "__main__.py")):
+            return location
+    return None
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    if _find_benchmarks() is None:
+        raise UsageError(
+            "the benchmark harness is not importable: it is the top-level "
+            "`benchmarks` package of the fastbackup source tree, not part of "
+            "the installed wheel. Run this command from the source tree, "
+            "after `python3 -m pip install '.[bench]'` there"
+        )
+    try:
+        return subprocess.call([sys.executable, "-m", "benchmarks", *argv])
+    except KeyboardInterrupt:  # the harness got the signal too
+        return 130
+
+
+# Entry point -----------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastbackup",
+        description="Inspect, verify and export fastbackup checkpoints.",
+        epilog="Exit status: 0 ok, 1 a damaged checkpoint or a failed "
+        "export, 2 usage error.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="COMMAND")
+
+    p = sub.add_parser(
+        "inspect",
+        help="describe every checkpoint of a backup directory",
+        description="Describe every checkpoint of a backup directory: "
+        "training position, variables, sizes, codecs, checksum status, age.",
+    )
+    p.add_argument("dir", metavar="DIR",
+                   help="backup directory (or one checkpoint file)")
+    p.add_argument("--json", action="store_true",
+                   help="print machine-readable JSON")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip reading every tensor to check its checksum")
+
+    p = sub.add_parser(
+        "verify",
+        help="check every checkpoint's checksums",
+        description="Check every checkpoint of a backup directory; exit "
+        "status 1 if any is damaged. Leftover temporary files are reported, "
+        "not deleted.",
+    )
+    p.add_argument("dir", metavar="DIR",
+                   help="backup directory (or one checkpoint file)")
+    p.add_argument("--json", action="store_true",
+                   help="print machine-readable JSON")
+
+    p = sub.add_parser(
+        "export",
+        help="write the newest valid checkpoint as a Keras .weights.h5 file",
+        description="Restore the newest valid checkpoint into a model of the "
+        "same architecture and write it with `model.save_weights`, so that "
+        "`model.load_weights(OUT)` reads it.",
+    )
+    p.add_argument("dir", metavar="DIR",
+                   help="backup directory (or one checkpoint file)")
+    p.add_argument("out", metavar="OUT.weights.h5", help="file to write")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="PATH",
+                        help="a saved Keras model (.keras) of the same "
+                        "architecture, compiled with the same optimizer")
+    source.add_argument("--model-factory", metavar="MODULE:FUNCTION",
+                        help="a function returning a built, compiled model "
+                        "of the same architecture")
+    p.add_argument("--step", type=int, default=None,
+                   help="export this checkpoint instead of the newest valid")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists")
+
+    sub.add_parser(
+        "bench",
+        help="run the benchmark harness (python -m benchmarks ARGS...)",
+        description="Run `python -m benchmarks` with the remaining "
+        "arguments; `fastbackup bench --help` shows the harness's options.",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "bench":
+            # Every argument belongs to the harness, `--help` included.
+            return cmd_bench(argv[1:])
+        args = _parser().parse_args(argv)
+        command = {"inspect": cmd_inspect, "verify": cmd_verify,
+                   "export": cmd_export}[args.command]
+        return command(args, sys.stdout)
+    except UsageError as e:
+        sys.stderr.write(f"fastbackup: error: {e}\n")
+        return EXIT_USAGE
+    except CommandFailed as e:
+        sys.stderr.write(f"fastbackup: error: {e}\n")
+        return EXIT_DAMAGED
+    except SystemExit as e:  # argparse: --help, or a usage error
+        if e.code is None:
+            return EXIT_OK
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    except BrokenPipeError:
+        # `fastbackup inspect DIR | head`: the reader left; say nothing more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_DAMAGED
