@@ -167,26 +167,27 @@ class Snapshotter:
             batch: batch index to record.
 
         Returns:
-            The filled snapshot (`into` itself when its layout matched).
+            The filled snapshot: `into` itself when given, its buffers
+            reused wherever shape and dtype still match.
         """
         self._sync_backend_state()
         variables = self.variables()
-        reuse = into is not None and len(into.arrays) == len(variables)
+        if into is not None and len(into.arrays) == len(variables):
+            old: list[np.ndarray | None] = list(into.arrays)
+        else:
+            old = [None] * len(variables)
         specs: list[TensorSpec] = []
         arrays: list[np.ndarray] = []
-        for i, (name, variable) in enumerate(variables):
+        for (name, variable), buf in zip(variables, old):
             view = self._read(variable)
-            buf = into.arrays[i] if reuse else None  # type: ignore[union-attr]
             if buf is None or buf.shape != view.shape or buf.dtype != view.dtype:
                 buf = np.empty(view.shape, dtype=view.dtype)
-                reuse_spec = None
-            else:
-                reuse_spec = into.specs[i]  # type: ignore[union-attr]
             np.copyto(buf, view, casting="no")
+            # Drop the alias at once (see the module docstring).
             del view
             arrays.append(buf)
-            specs.append(reuse_spec or _spec(name, variable, buf))
-        snap = into if reuse else HostSnapshot(specs=specs, arrays=arrays)
+            specs.append(_spec(name, variable, buf))
+        snap = into if into is not None else HostSnapshot(specs, arrays)
         snap.specs, snap.arrays = specs, arrays
         snap.epoch, snap.batch = int(epoch), int(batch)
         snap.metadata = {}
