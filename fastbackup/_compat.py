@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import os
 
-if os.environ.get("FASTBACKUP_PURE_PYTHON", "").strip().lower() in (
-    "1", "true", "yes", "on",
-):
+_raw = os.environ.get("FASTBACKUP_PURE_PYTHON", "")
+_value = _raw.strip().lower()
+if _value in ("1", "true", "yes", "on"):
     from fastbackup import _pynative as native
-else:
+elif _value in ("", "0", "false", "no", "off"):
     from fastbackup import _native as native  # type: ignore[attr-defined, no-redef]
+else:
+    # ConfigError lives in errors.py, which needs nothing from here.
+    from fastbackup.errors import ConfigError
+
+    raise ConfigError(
+        "Invalid value for environment variable `FASTBACKUP_PURE_PYTHON`. "
+        f"Received: FASTBACKUP_PURE_PYTHON={_raw!r}. Expected one of: "
+        "1, true, yes, on, 0, false, no, off."
+    )
 
 __all__ = ["native"]

@@ -245,7 +245,15 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._save(epoch + 1, 0, block=True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        previous_sigterm = self._previous_sigterm
         self._restore_sigterm_handler()
+        late_sigterm = self._sigterm_pending
+        if late_sigterm:
+            # SIGTERM came after the last step boundary: the final state is
+            # saved and kept, as for a preemption mid-training.
+            self._sigterm_pending = False
+            self._preempted = True
+            self._deferred = True
         if self._deferred:
             # A save fell due while the writer was busy: make it now rather
             # than leave the newest due state unsaved.
@@ -261,6 +269,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         ):
             storage.remove_backup_dir(self.backup_dir)
         storage.release_lock(self.backup_dir, self)
+        if late_sigterm and callable(previous_sigterm):
+            previous_sigterm(signal.SIGTERM, None)
 
     # Internals ----------------------------------------------------------------
 
@@ -317,7 +327,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             return
         self._deferred = False
         try:
-            os.makedirs(self.backup_dir, exist_ok=True)
+            # No makedirs here: on_train_begin created and locked the
+            # directory. If it was removed since, the lock went with it, so
+            # the write fails (BackupWriteError, ENOENT) instead of silently
+            # recreating an unlocked directory.
             snapshot = self._snapshotter.take(slot.snapshot, epoch, batch)  # type: ignore[union-attr]
             # An epoch-end state and the state after batch 0 of the next
             # epoch both record batch 0; the position tells them apart.
@@ -422,13 +435,40 @@ class BackupAndRestore(keras.callbacks.Callback):
                         "SIGTERM is not handled")
             return
         previous = signal.getsignal(signal.SIGTERM)
+        # A handler left by a fit that raised (Keras then skips
+        # on_train_end) is replaced, not chained: chain what it chained.
+        previous = getattr(previous, "_fastbackup_previous", previous)
 
         def handler(signum: int, frame: Any) -> None:
-            # Only a flag: the save must happen between two steps.
-            self._sigterm_pending = True
+            if frame is None or self._in_fit(frame):
+                # Only a flag: the save must happen between two steps.
+                self._sigterm_pending = True
+                return
+            # The fit that installed this handler raised: no step boundary
+            # will come. Hand the signal to the previous handler.
+            self._previous_sigterm = None
+            if previous is None:
+                return
+            signal.signal(signal.SIGTERM, previous)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
+        handler._fastbackup_previous = previous  # type: ignore[attr-defined]
         self._previous_sigterm = previous
         signal.signal(signal.SIGTERM, handler)
+
+    def _in_fit(self, frame: Any) -> bool:
+        """True if `frame` is inside `fit` of this callback's model."""
+        while frame is not None:
+            if (
+                frame.f_code.co_name == "fit"
+                and frame.f_locals.get("self") is self.model
+            ):
+                return True
+            frame = frame.f_back
+        return False
 
     def _stop_for_preemption(self, batch: int) -> None:
         self._sigterm_pending = False

@@ -272,9 +272,9 @@ def _print_inspect(r: Report, now: float, out: TextIO) -> None:
     out.write(f"  created:   {when}\n")
     out.write(f"  checksums: {status}\n")
     out.write(
-        f"  size:      {_size(r.file_size)} file, {_size(r.stored_bytes)} "
-        f"stored for {_size(r.raw_bytes)} of state (compression ratio "
-        f"{'-' if ratio is None else f'{ratio:.2f}'})\n"
+        f"  size:      {_size(r.file_size)} file; tensors "
+        f"{_size(r.stored_bytes)} stored, {_size(r.raw_bytes)} raw "
+        f"(compression ratio {'-' if ratio is None else f'{ratio:.2f}'})\n"
     )
     if r.extra:
         extra = ", ".join(f"{k}={v!r}" for k, v in r.extra.items())
@@ -423,7 +423,13 @@ def _load_factory(spec: str) -> Any:
             ) from None
     if not callable(factory):
         raise UsageError(f"--model-factory {spec!r}: {attr!r} is not callable")
-    return factory()
+    try:
+        return factory()
+    except Exception as e:
+        raise UsageError(
+            f"--model-factory {spec!r}: {attr}() raised "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
 
 def _load_model(args: argparse.Namespace) -> Any:

@@ -89,12 +89,15 @@ def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
 
 def _compression(name: str, raw: str) -> int | None:
     value = raw.strip().lower()
-    if value in ("off", "none", "0", "false", "no"):
+    if value in ("off", "none", "false", "no"):
         return None
     try:
         level = int(value)
     except ValueError:
         level = None
+    if level == 0:
+        # zstd reads level 0 as "default" (3); here it means off.
+        return None
     if level is None or not -7 <= level <= 22:
         raise ConfigError(
             f"Invalid value for environment variable `{name}`. "

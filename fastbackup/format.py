@@ -27,7 +27,7 @@ import os
 import re
 import struct
 import time
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import msgpack
 import numpy as np
@@ -35,7 +35,9 @@ import zstandard
 
 from fastbackup._compat import native
 from fastbackup.errors import CheckpointCorruptError
-from fastbackup.snapshot import HostSnapshot
+
+if TYPE_CHECKING:
+    from fastbackup.snapshot import HostSnapshot
 
 MAGIC = b"\x89FBKP\r\n\x1a"
 FOOTER_MAGIC = b"FBKPEND\n"
@@ -221,8 +223,9 @@ def encode(
     entries: list[dict[str, Any]] = []
     offset = PREFIX_SIZE
     for spec, array in zip(snapshot.specs, snapshot.arrays):
-        raw = memoryview(array.reshape(-1)).cast("B") if array.size else b""
-        codec, stored = policy.encode(memoryview(raw))
+        # A uint8 view, not memoryview(array): the buffer protocol has no
+        # format code for ml_dtypes types (bfloat16, float8).
+        codec, stored = policy.encode(memoryview(array.reshape(-1).view(np.uint8)))
         stored_size = len(stored)
         entries.append(
             {
@@ -428,11 +431,11 @@ class CheckpointReader:
             )
         self._file.seek(entry.offset)
         if entry.codec == "raw":
-            view = memoryview(out.reshape(-1)).cast("B") if out.size else None
-            got = self._file.readinto(view) if view is not None else 0
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            got = self._file.readinto(view) if out.size else 0
             if got != entry.raw_size:
                 raise _corrupt(self.path, "file is truncated")
-            crc = native.crc32c(view) if view is not None else 0
+            crc = native.crc32c(view)
             if crc != entry.crc32c:
                 raise _corrupt(
                     self.path, f"checksum mismatch in tensor {entry.name}"

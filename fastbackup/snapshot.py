@@ -89,9 +89,11 @@ def collect_variables(model: keras.Model) -> list[tuple[str, Any]]:
     groups: dict[str, Sequence[Any]] = {
         "model": model.variables,
         "optimizer": (
-            model.optimizer.variables if model.optimizer is not None else ()
+            model.optimizer.variables
+            if getattr(model, "optimizer", None) is not None
+            else ()
         ),
-        "metrics": model.metrics_variables,
+        "metrics": getattr(model, "metrics_variables", ()),
     }
     seen: set[int] = set()
     out: list[tuple[str, Any]] = []
@@ -105,17 +107,39 @@ def collect_variables(model: keras.Model) -> list[tuple[str, Any]]:
     return out
 
 
-def _backend_reader() -> Callable[[Any], Any]:
-    """Returns a function mapping a Keras variable to a host array view."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        # `read_value()` aliases the variable's buffer and `np.asarray` of
-        # an eager CPU tensor is a view: one copy in all, done by `copyto`.
-        return lambda v: np.asarray(v.value.read_value())
-    if backend == "torch":
-        return lambda v: v.value.detach().cpu().numpy()
+def _read_tensorflow(variable: Any) -> np.ndarray:
+    # `read_value()` aliases the variable's buffer and `np.asarray` of an
+    # eager CPU tensor is a view: one copy in all, done by `copyto`.
+    tensor = variable.value.read_value()
+    if tensor.shape.rank == 0:
+        # TensorFlow cannot expose a 0-d bfloat16 tensor as an array; a
+        # scalar costs nothing to copy whatever its dtype.
+        return np.asarray(tensor.numpy())
+    return np.asarray(tensor)
+
+
+def _read_torch(variable: Any) -> np.ndarray:
+    tensor = variable.value.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":
+        # numpy has no bfloat16: reinterpret the bits as ml_dtypes' type.
+        import ml_dtypes
+        import torch
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _read_jax(variable: Any) -> np.ndarray:
     # JAX arrays are immutable, so a view is consistent by construction.
-    return lambda v: np.asarray(v.value)
+    return np.asarray(variable.value)
+
+
+def _backend_reader() -> Callable[[Any], np.ndarray]:
+    """Returns a function mapping a Keras variable to a host array view."""
+    return {
+        "tensorflow": _read_tensorflow,
+        "torch": _read_torch,
+    }.get(keras.backend.backend(), _read_jax)
 
 
 def _spec(name: str, variable: Any, host: np.ndarray) -> TensorSpec:

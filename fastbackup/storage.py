@@ -144,6 +144,16 @@ _held: dict[str, _Held] = {}
 _held_lock = threading.Lock()
 
 
+def _is_lock_file(fd: int, directory: str) -> bool:
+    """True if `fd` is still the lock file of `directory`."""
+    try:
+        st = os.stat(os.path.join(directory, LOCK_NAME))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
 def acquire_lock(directory: str, owner: Any, flush: Callable[[], None]) -> None:
     """Takes the advisory lock of `directory` for `owner` (a callback).
 
@@ -171,19 +181,24 @@ def acquire_lock(directory: str, owner: Any, flush: Callable[[], None]) -> None:
             previous = held.owner()
             if previous is owner:
                 held.thread = threading.get_ident()
-                return
-            if previous is not None and held.thread != threading.get_ident():
+            elif previous is not None and held.thread != threading.get_ident():
                 raise BackupDirLockedError(
                     errno.EBUSY,
                     "backup_dir is in use by another BackupAndRestore "
                     "callback training in this process",
                     directory,
                 )
-            held.flush()
-            held.owner = weakref.ref(owner)
-            held.flush = flush
-            held.thread = threading.get_ident()
-            return
+            else:
+                held.flush()
+                held.owner = weakref.ref(owner)
+                held.flush = flush
+                held.thread = threading.get_ident()
+            if _is_lock_file(held.fd, directory):
+                return
+            # The directory was removed, lock file included, since the lock
+            # was taken: that lock guards nothing any more. Take a new one.
+            del _held[key]
+            os.close(held.fd)
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, LOCK_NAME)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

@@ -106,8 +106,11 @@ def test_default_replays_the_epoch_like_keras(tmp_path):
     fresh = _model()
     fresh.build((None, 6))
     steps = CountSteps()
+    cb = fastbackup.BackupAndRestore(tmp_path, save_freq=1)
     fresh.fit(x, y, epochs=EPOCHS, batch_size=BATCH, shuffle=False, verbose=0,
-              callbacks=[fastbackup.BackupAndRestore(tmp_path, save_freq=1),
-                         steps])
-    # Epoch 1 is replayed from batch 0: 2 epochs of 5 batches.
-    assert steps.end - steps.start == 10
+              callbacks=[cb, steps])
+    # The newest durable checkpoint is mid-epoch (its epoch, or epoch 0 if
+    # the last saves were coalesced); that epoch is replayed from batch 0.
+    _, epoch, batch = cb.restored_from
+    assert epoch <= 1 and steps.start == epoch * 5 + batch + 1
+    assert steps.end - steps.start == (EPOCHS - epoch) * 5

@@ -1,0 +1,558 @@
+"""Tests of the command line: `python -m fastbackup inspect|verify|export|bench`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import fastbackup
+from fastbackup import cli, storage
+from fastbackup import format as fmt
+from fastbackup.format import CheckpointReader
+from fastbackup.snapshot import HostSnapshot, TensorSpec, collect_variables
+from tests.conftest import make_data, make_model
+
+# Helpers ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    """A backup directory with two checkpoints (steps 0 and 1) of a model."""
+    directory = tmp_path_factory.mktemp("trained") / "backup"
+    keras.utils.set_random_seed(1234)
+    x, y = make_data()
+    model = make_model()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
+        fastbackup.BackupAndRestore(directory, double_checkpoint=True,
+                                    delete_checkpoint=False)])
+    assert [s for s, _ in storage.list_checkpoints(str(directory))] == [1, 0]
+    return directory
+
+
+@pytest.fixture
+def backup(trained_dir, tmp_path):
+    """A private copy of `trained_dir`, free to damage."""
+    copy = tmp_path / "backup"
+    shutil.copytree(trained_dir, copy)
+    return copy
+
+
+def checkpoint_path(directory, step):
+    return os.path.join(directory, storage.checkpoint_name(step))
+
+
+def read_checkpoint(path) -> dict[str, np.ndarray]:
+    with CheckpointReader(path) as reader:
+        out = {}
+        for entry in reader.entries:
+            array = np.empty(entry.shape, entry.np_dtype)
+            reader.read_tensor(entry, array)
+            out[entry.name] = array
+    return out
+
+
+def write_checkpoint(directory, step, arrays, epoch=0, batch=0, policy=None):
+    """Writes one checkpoint of `arrays` synchronously, without a model."""
+    specs = [
+        TensorSpec(f"model.{i}", f"layer/var_{i}", a.dtype, a.shape)
+        for i, a in enumerate(arrays)
+    ]
+    snapshot = HostSnapshot(specs, list(arrays), epoch=epoch, batch=batch,
+                            taken_at=time.time())
+    os.makedirs(directory, exist_ok=True)
+    encoded = fmt.encode(snapshot, policy or fmt.CompressionPolicy(None), step)
+    return storage.commit(str(directory), step, encoded, sync=False).path
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# inspect -----------------------------------------------------------------------
+
+
+def test_inspect_describes_every_checkpoint(backup, capsys):
+    code, out, err = run(capsys, "inspect", backup)
+    assert code == 0 and err == ""
+    newest = out.index("ckpt-000000000001.fbk")
+    older = out.index("ckpt-000000000000.fbk")
+    assert newest < older
+    assert "step 1, epoch 2, batch 0" in out
+    assert "step 0, epoch 1, batch 0" in out
+    assert out.count("ok (every checksum verified)") == 2
+    # Variables with their Keras paths, dtypes, shapes and codecs.
+    with CheckpointReader(checkpoint_path(backup, 1)) as reader:
+        kernel, iterations = reader.entries[0], reader.entries[9]
+    assert kernel.path.endswith("/kernel") and iterations.name == "optimizer.0"
+    assert re.search(rf"model\.0 +{re.escape(kernel.path)} +float32 +\(6, 8\) +raw ", out)
+    assert re.search(rf"optimizer\.0 +{re.escape(iterations.path)} +int(32|64) +\(\) ", out)
+    assert "compression ratio" in out and " raw " in out
+    assert "ago)" in out
+
+
+def test_inspect_json_matches_the_checkpoint(backup, capsys):
+    code, out, err = run(capsys, "inspect", "--json", backup)
+    assert code == 0 and err == ""
+    data = json.loads(out)
+    assert data["lock_file"] is True and data["temp_files"] == []
+    assert [c["step"] for c in data["checkpoints"]] == [1, 0]
+    newest = data["checkpoints"][0]
+    with CheckpointReader(checkpoint_path(backup, 1)) as reader:
+        assert newest["file"] == reader.path
+        assert (newest["epoch"], newest["batch"]) == (reader.epoch, reader.batch)
+        assert newest["created"] == reader.meta["created"]
+        assert newest["file_size"] == reader.file_size
+        assert newest["tensors"] == [
+            {"name": e.name, "path": e.path, "dtype": e.dtype,
+             "shape": list(e.shape), "codec": e.codec,
+             "stored_size": e.stored_size, "raw_size": e.raw_size,
+             "crc32c": f"{e.crc32c:08x}"}
+            for e in reader.entries
+        ]
+        raw = sum(e.raw_size for e in reader.entries)
+        stored = sum(e.stored_size for e in reader.entries)
+    assert newest["status"] == "ok" and newest["error"] is None
+    assert (newest["raw_bytes"], newest["stored_bytes"]) == (raw, stored)
+    assert newest["compression_ratio"] == raw / stored
+    assert newest["age_seconds"] >= 0
+    assert newest["extra"] == reader.meta["extra"]
+
+
+def test_inspect_shows_compressed_tensors(tmp_path, capsys):
+    # A slow "disk" makes compression pay for any compressible tensor.
+    policy = fmt.CompressionPolicy(1, disk_bytes_per_s=1e3)
+    zeros = np.zeros((256, 256), np.float32)
+    noise = np.random.default_rng(0).random(16, dtype=np.float32)
+    write_checkpoint(tmp_path, 0, [zeros, noise], epoch=3, batch=7,
+                     policy=policy)
+    code, out, _ = run(capsys, "inspect", "--json", tmp_path)
+    assert code == 0
+    [ckpt] = json.loads(out)["checkpoints"]
+    assert [t["codec"] for t in ckpt["tensors"]] == ["zstd", "raw"]
+    assert ckpt["tensors"][0]["raw_size"] == zeros.nbytes
+    assert ckpt["tensors"][0]["stored_size"] < zeros.nbytes // 100
+    assert ckpt["compression_ratio"] > 100
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (0, 3, 7)
+    code, out, _ = run(capsys, "inspect", tmp_path)
+    assert code == 0 and "zstd" in out and "layer/var_0" in out
+
+
+def test_inspect_reports_damage_and_exits_1(backup, capsys):
+    flip_byte(checkpoint_path(backup, 1), 40)
+    code, out, _ = run(capsys, "inspect", "--json", backup)
+    assert code == 1
+    newest, older = json.loads(out)["checkpoints"]
+    assert newest["status"] == "damaged"
+    assert "checksum mismatch in tensor model.0" in newest["error"]
+    assert older["status"] == "ok"
+
+
+def test_inspect_no_verify_skips_checksums(backup, capsys):
+    flip_byte(checkpoint_path(backup, 1), 40)
+    code, out, _ = run(capsys, "inspect", "--json", "--no-verify", backup)
+    assert code == 0
+    assert {c["status"] for c in json.loads(out)["checkpoints"]} == {"unverified"}
+
+
+def test_inspect_single_checkpoint_file(backup, capsys):
+    code, out, _ = run(capsys, "inspect", checkpoint_path(backup, 0))
+    assert code == 0
+    assert "step 0, epoch 1, batch 0" in out and "ckpt-000000000001" not in out
+
+
+# verify ------------------------------------------------------------------------
+
+
+def test_verify_passes_on_intact_checkpoints(backup, capsys):
+    code, out, err = run(capsys, "verify", backup)
+    assert code == 0 and err == ""
+    assert "2 checkpoint(s): 2 ok, 0 damaged" in out
+    assert "newest valid checkpoint: ckpt-000000000001.fbk" in out
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("flip_tensor", "checksum mismatch in tensor model.0"),
+        ("flip_header", "header checksum mismatch"),
+        ("truncate", "footer missing: the file is truncated"),
+        ("garbage", "not a fastbackup checkpoint (bad magic)"),
+    ],
+)
+def test_verify_names_damaged_checkpoint_and_why(backup, capsys, damage, reason):
+    path = checkpoint_path(backup, 1)
+    size = os.path.getsize(path)
+    if damage == "flip_tensor":
+        flip_byte(path, 40)
+    elif damage == "flip_header":
+        flip_byte(path, size - fmt.FOOTER_SIZE - 5)
+    elif damage == "truncate":
+        os.truncate(path, size // 2)
+    else:
+        with open(path, "wb") as f:
+            f.write(b"this is not a checkpoint" * 10)
+    code, out, _ = run(capsys, "verify", backup)
+    assert code == 1
+    assert f"DAMAGED  ckpt-000000000001.fbk  {reason}" in out
+    assert "ok       ckpt-000000000000.fbk" in out
+    assert "2 checkpoint(s): 1 ok, 1 damaged" in out
+    assert "newest valid checkpoint: ckpt-000000000000.fbk" in out
+
+
+def test_verify_json(backup, capsys):
+    flip_byte(checkpoint_path(backup, 0), 40)
+    code, out, _ = run(capsys, "verify", "--json", backup)
+    assert code == 1
+    data = json.loads(out)
+    assert data["ok"] is False
+    assert [(c["step"], c["status"]) for c in data["checkpoints"]] == [
+        (1, "ok"), (0, "damaged")]
+    assert data["newest_valid"] == checkpoint_path(backup, 1)
+
+
+def test_verify_reports_temp_files_without_deleting_them(backup, capsys):
+    temp = backup / ".ckpt-000000000002.fbk.0123456789abcdef.tmp"
+    temp.write_bytes(b"partial")
+    code, out, _ = run(capsys, "verify", backup)
+    assert code == 0
+    assert "temp     .ckpt-000000000002.fbk.0123456789abcdef.tmp" in out
+    assert "1 temporary file(s)" in out
+    assert temp.read_bytes() == b"partial"
+    code, out, _ = run(capsys, "inspect", "--json", backup)
+    assert json.loads(out)["temp_files"] == [str(temp)]
+    assert temp.exists()
+
+
+def test_verify_directory_with_only_a_lock_file(tmp_path, capsys):
+    (tmp_path / storage.LOCK_NAME).write_text("123")
+    code, out, _ = run(capsys, "verify", tmp_path)
+    assert code == 0
+    assert "0 checkpoint(s)" in out and "no checkpoint" in out
+
+
+def test_verify_single_damaged_file(backup, capsys):
+    path = checkpoint_path(backup, 0)
+    flip_byte(path, 40)
+    code, out, _ = run(capsys, "verify", path)
+    assert code == 1 and "DAMAGED  ckpt-000000000000.fbk" in out
+
+
+# Bad directories ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [
+    ["inspect"], ["verify"], ["export", "--model-factory", "x:y"]])
+def test_missing_directory_exits_2(tmp_path, capsys, command):
+    missing = tmp_path / "nope"
+    argv = [command[0], missing, *command[1:]]
+    if command[0] == "export":
+        argv.insert(2, tmp_path / "out.weights.h5")
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err == f"fastbackup: error: {missing}: no such file or directory\n"
+
+
+@pytest.mark.parametrize("command", [
+    ["inspect"], ["verify"], ["export", "--model-factory", "x:y"]])
+def test_foreign_directory_exits_2(tmp_path, capsys, command):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    (foreign / "ckpt-1.fbk").write_bytes(b"not our name pattern")
+    argv = [command[0], foreign, *command[1:]]
+    if command[0] == "export":
+        argv.insert(2, tmp_path / "out.weights.h5")
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert "not a fastbackup backup directory" in err and str(foreign) in err
+
+
+def test_no_command_and_unknown_command_exit_2(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["frobnicate"]) == 2
+    assert "usage: fastbackup" in capsys.readouterr().err
+
+
+def test_help_lists_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("inspect", "verify", "export", "bench"):
+        assert command in out
+
+
+# export ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def factory(tmp_path, monkeypatch):
+    """Writes `fb_test_factories.py` and makes it importable."""
+    source = textwrap.dedent("""
+        import keras
+        from tests.conftest import make_model
+
+        def build():
+            return make_model()
+
+        def wider():
+            return make_model(units=5)
+
+        def unbuilt():
+            model = keras.Sequential([keras.layers.Dense(3)])
+            model.compile(optimizer="adam", loss="mse")
+            return model
+
+        def uncompiled():
+            return keras.Sequential(
+                [keras.layers.Input((6,)), keras.layers.Dense(3)])
+
+        not_callable = 3
+
+        def broken():
+            raise RuntimeError("no GPU here")
+    """)
+    directory = tmp_path / "factories"
+    directory.mkdir()
+    (directory / "fb_test_factories.py").write_text(source)
+    monkeypatch.syspath_prepend(str(directory))
+    sys.modules.pop("fb_test_factories", None)
+    yield "fb_test_factories"
+    sys.modules.pop("fb_test_factories", None)
+
+
+def loaded_state(weights_file):
+    """`(name, Keras path, value)` of every variable of a fresh model (its
+    optimizer built) after `load_weights(weights_file)`."""
+    model = make_model()
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(weights_file)
+    return [(name, v.path, np.array(v.numpy()))
+            for name, v in collect_variables(model)]
+
+
+def assert_matches_checkpoint(weights_file, ckpt_path):
+    """`load_weights` gives the checkpoint's weights and optimizer state.
+
+    Keras's weights format stores no SeedGenerator state and no compiled
+    metric variables, so those are the only variables left out.
+    """
+    expected = read_checkpoint(ckpt_path)
+    got = loaded_state(weights_file)
+    compared = 0
+    for name, path, value in got:
+        if name.startswith("metrics.") or "seed_generator" in path:
+            continue
+        assert value.dtype == expected[name].dtype, name
+        assert value.shape == expected[name].shape, name
+        assert value.tobytes() == expected[name].tobytes(), name
+        compared += 1
+    assert compared == 9 - 1 + 14  # model minus the seed state, optimizer
+    # The state really is trained state, not a fresh model's.
+    iterations = next(value for name, _, value in got if name == "optimizer.0")
+    assert int(iterations) == int(expected["optimizer.0"]) > 0
+
+
+def test_export_with_model_factory_round_trips(backup, tmp_path, capsys, factory):
+    out_file = tmp_path / "out.weights.h5"
+    code, out, err = run(capsys, "export", backup, out_file,
+                         "--model-factory", f"{factory}:build")
+    assert code == 0, err
+    assert f"exported ckpt-000000000001.fbk (step 1, epoch 2, batch 0" in out
+    assert "initial_epoch=2" in out
+    assert_matches_checkpoint(out_file, checkpoint_path(backup, 1))
+    # No temporary file is left next to the output.
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["backup", "factories", "out.weights.h5"])
+
+
+def test_export_with_saved_keras_model(backup, tmp_path, capsys):
+    untrained = make_model()
+    model_file = tmp_path / "model.keras"
+    untrained.save(model_file)
+    kernel = np.array(untrained.layers[0].kernel.numpy())
+    expected = read_checkpoint(checkpoint_path(backup, 1))
+    assert kernel.tobytes() != expected["model.0"].tobytes()
+    out_file = tmp_path / "out.weights.h5"
+    code, _, err = run(capsys, "export", backup, out_file, "--model", model_file)
+    assert code == 0, err
+    assert_matches_checkpoint(out_file, checkpoint_path(backup, 1))
+
+
+def test_export_skips_a_damaged_newest_checkpoint(backup, tmp_path, capsys,
+                                                  factory):
+    flip_byte(checkpoint_path(backup, 1), 40)
+    out_file = tmp_path / "out.weights.h5"
+    code, out, err = run(capsys, "export", backup, out_file,
+                         "--model-factory", f"{factory}:build")
+    assert code == 0
+    assert "skipping damaged checkpoint" in err and "ckpt-000000000001" in err
+    assert "exported ckpt-000000000000.fbk (step 0, epoch 1" in out
+    assert_matches_checkpoint(out_file, checkpoint_path(backup, 0))
+
+
+def test_export_step_selects_a_checkpoint(backup, tmp_path, capsys, factory):
+    out_file = tmp_path / "out.weights.h5"
+    code, out, _ = run(capsys, "export", backup, out_file, "--step", "0",
+                       "--model-factory", f"{factory}:build")
+    assert code == 0 and "ckpt-000000000000.fbk" in out
+    assert_matches_checkpoint(out_file, checkpoint_path(backup, 0))
+    code, _, err = run(capsys, "export", backup, tmp_path / "b.weights.h5",
+                       "--step", "7", "--model-factory", f"{factory}:build")
+    assert code == 1 and "no checkpoint with step 7" in err
+
+
+def test_export_fails_when_every_checkpoint_is_damaged(backup, tmp_path, capsys,
+                                                        factory):
+    for step in (0, 1):
+        flip_byte(checkpoint_path(backup, step), 40)
+    out_file = tmp_path / "out.weights.h5"
+    code, _, err = run(capsys, "export", backup, out_file,
+                       "--model-factory", f"{factory}:build")
+    assert code == 1 and "no valid checkpoint" in err
+    assert not out_file.exists()
+
+
+def test_export_refuses_a_mismatched_model(backup, tmp_path, capsys, factory):
+    out_file = tmp_path / "out.weights.h5"
+    code, out, err = run(capsys, "export", backup, out_file,
+                         "--model-factory", f"{factory}:wider")
+    assert code == 1 and out == ""
+    assert "does not match the model" in err and "model.0" in err
+    assert not out_file.exists()
+
+
+def test_export_with_only_a_lock_file_fails(tmp_path, capsys, factory):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / storage.LOCK_NAME).write_text("1")
+    code, _, err = run(capsys, "export", tmp_path / "b",
+                       tmp_path / "o.weights.h5",
+                       "--model-factory", f"{factory}:build")
+    assert code == 1 and "no checkpoint to export" in err
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("unbuilt", "the model is not built"),
+        ("uncompiled", "the model is not compiled"),
+        ("not_callable", "is not callable"),
+        ("missing", "has no attribute 'missing'"),
+        ("broken", "broken() raised RuntimeError: no GPU here"),
+    ],
+)
+def test_export_rejects_unusable_factories(backup, tmp_path, capsys, factory,
+                                           spec, message):
+    out_file = tmp_path / "out.weights.h5"
+    code, _, err = run(capsys, "export", backup, out_file,
+                       "--model-factory", f"{factory}:{spec}")
+    assert code == 2 and message in err
+    assert not out_file.exists()
+
+
+@pytest.mark.parametrize("spec", ["no_colon", "no_such_module_xyz:build", ":x"])
+def test_export_rejects_bad_factory_specs(backup, tmp_path, capsys, spec):
+    code, _, err = run(capsys, "export", backup, tmp_path / "o.weights.h5",
+                       "--model-factory", spec)
+    assert code == 2 and "--model-factory" in err
+
+
+def test_export_rejects_missing_model_file(backup, tmp_path, capsys):
+    code, _, err = run(capsys, "export", backup, tmp_path / "o.weights.h5",
+                       "--model", tmp_path / "absent.keras")
+    assert code == 2 and "absent.keras: no such file" in err
+
+
+def test_export_needs_exactly_one_model_source(backup, tmp_path, capsys):
+    out_file = tmp_path / "o.weights.h5"
+    assert cli.main(["export", str(backup), str(out_file)]) == 2
+    assert cli.main(["export", str(backup), str(out_file), "--model", "a",
+                     "--model-factory", "b:c"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_export_checks_the_output_name(backup, tmp_path, capsys, factory):
+    code, _, err = run(capsys, "export", backup, tmp_path / "out.h5",
+                       "--model-factory", f"{factory}:build")
+    assert code == 2 and "must end in `.weights.h5`" in err
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_export_does_not_overwrite_without_flag(backup, tmp_path, capsys, factory):
+    out_file = tmp_path / "out.weights.h5"
+    out_file.write_bytes(b"precious")
+    code, _, err = run(capsys, "export", backup, out_file,
+                       "--model-factory", f"{factory}:build")
+    assert code == 2 and "--overwrite" in err
+    assert out_file.read_bytes() == b"precious"
+    code, _, err = run(capsys, "export", backup, out_file, "--overwrite",
+                       "--model-factory", f"{factory}:build")
+    assert code == 0, err
+    assert_matches_checkpoint(out_file, checkpoint_path(backup, 1))
+
+
+# bench -------------------------------------------------------------------------
+
+
+def test_bench_passes_arguments_to_the_harness(tmp_path, monkeypatch, capfd):
+    package = tmp_path / "benchmarks"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        "import json, sys\n"
+        "print('HARNESS', json.dumps(sys.argv[1:]))\n"
+        "sys.exit(7)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["bench", "--quick", "--out", "res", "--help"])
+    out, _ = capfd.readouterr()
+    assert code == 7
+    assert 'HARNESS ["--quick", "--out", "res", "--help"]' in out
+
+
+def test_bench_without_harness_exits_2(tmp_path, monkeypatch, capsys):
+    def has_harness(entry):
+        base = entry or os.getcwd()
+        return os.path.exists(os.path.join(base, "benchmarks", "__main__.py"))
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not has_harness(p)])
+    monkeypatch.chdir(tmp_path)
+    # A directory without __main__.py (a namespace package) is no harness.
+    (tmp_path / "benchmarks").mkdir()
+    code, out, err = run(capsys, "bench", "--quick")
+    assert code == 2 and out == ""
+    assert "benchmark harness is not importable" in err
+    assert "source tree" in err and "[bench]" in err
+
+
+# The real entry point ---------------------------------------------------------
+
+
+def test_python_dash_m_fastbackup_verify(backup):
+    flip_byte(checkpoint_path(backup, 1), 40)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastbackup", "verify", str(backup)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "DAMAGED  ckpt-000000000001.fbk  checksum mismatch" in proc.stdout
+    assert "ok       ckpt-000000000000.fbk" in proc.stdout

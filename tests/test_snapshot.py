@@ -1,0 +1,299 @@
+"""Tests of `fastbackup.snapshot`: which variables, in which order, and the
+host copy that is taken on the training thread."""
+
+from __future__ import annotations
+
+import time
+import types
+
+import keras
+import numpy as np
+import pytest
+
+from fastbackup.snapshot import (
+    GROUPS,
+    HostSnapshot,
+    Snapshotter,
+    TensorSpec,
+    collect_variables,
+)
+from tests.conftest import fresh_model, make_data, make_model
+
+
+def fake_model(variables=(), optimizer_variables=None, metrics_variables=()):
+    """The three attributes `collect_variables` reads, and nothing else."""
+    optimizer = (
+        None if optimizer_variables is None
+        else types.SimpleNamespace(variables=list(optimizer_variables))
+    )
+    return types.SimpleNamespace(
+        variables=list(variables), optimizer=optimizer,
+        metrics_variables=list(metrics_variables),
+    )
+
+
+BACKEND = keras.backend.backend()
+
+
+def var(value, dtype="float32", name="v"):
+    return keras.Variable(
+        np.asarray(value, dtype=dtype), dtype=dtype, name=name,
+        trainable=np.dtype(dtype).kind == "f",
+    )
+
+
+def trained_model():
+    """A model whose optimizer and metrics are built and hold state."""
+    model = make_model()
+    x, y = make_data()
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    return model
+
+
+# collect_variables -------------------------------------------------------------
+
+
+def test_groups_order():
+    assert GROUPS == ("model", "optimizer", "metrics")
+
+
+def test_collect_variables_order_and_names():
+    model = trained_model()
+    pairs = collect_variables(model)
+    expected = (
+        [(f"model.{i}", v) for i, v in enumerate(model.variables)]
+        + [(f"optimizer.{i}", v) for i, v in enumerate(model.optimizer.variables)]
+        + [(f"metrics.{i}", v) for i, v in enumerate(model.metrics_variables)]
+    )
+    assert [n for n, _ in pairs] == [n for n, _ in expected]
+    assert all(a is b for (_, a), (_, b) in zip(pairs, expected))
+    # Every group is really there: weights, optimizer slots, metric state.
+    counts = {g: sum(n.startswith(g + ".") for n, _ in pairs) for g in GROUPS}
+    assert counts == {"model": 9, "optimizer": 14, "metrics": 4}
+
+
+def test_collect_variables_is_stable_across_instances():
+    # Two instances of one architecture get the same names and shapes,
+    # although Keras gives their layers different paths ("dense_3"...).
+    a, b = trained_model(), trained_model()
+    pa, pb = collect_variables(a), collect_variables(b)
+    assert [n for n, _ in pa] == [n for n, _ in pb]
+    assert [tuple(v.shape) for _, v in pa] == [tuple(v.shape) for _, v in pb]
+
+
+def test_collect_variables_with_unbuilt_optimizer_and_metrics():
+    model = make_model()
+    pairs = collect_variables(model)
+    names = [n for n, _ in pairs]
+    assert names[: len(model.variables)] == [
+        f"model.{i}" for i in range(len(model.variables))]
+    assert len(pairs) == (len(model.variables) + len(model.optimizer.variables)
+                          + len(model.metrics_variables))
+
+
+def test_collect_variables_dedups_keeping_positions():
+    a, b, c, d = (var(i, name=f"v{i}") for i in range(4))
+    model = fake_model(variables=[a, b, a, c], optimizer_variables=[d, b],
+                       metrics_variables=[c, d])
+    pairs = collect_variables(model)
+    # A variable reachable twice is saved once, under its first name; the
+    # others keep their index in their group, so names stay stable.
+    assert [(n, v.name) for n, v in pairs] == [
+        ("model.0", "v0"), ("model.1", "v1"), ("model.3", "v2"),
+        ("optimizer.0", "v3")]
+
+
+def test_collect_variables_shared_layer_saved_once():
+    inputs = keras.Input((4,))
+    shared = keras.layers.Dense(4)
+    model = keras.Model(inputs, shared(shared(inputs)))
+    model.compile(optimizer="sgd", loss="mse")
+    pairs = collect_variables(model)
+    ids = [id(v) for _, v in pairs]
+    assert len(ids) == len(set(ids))
+    assert [v.path for n, v in pairs if n.startswith("model.")] == [
+        shared.kernel.path, shared.bias.path]
+
+
+def test_collect_variables_without_optimizer_attribute():
+    assert [n for n, _ in collect_variables(fake_model([var(1)]))] == ["model.0"]
+
+
+def test_collect_variables_of_uncompiled_model():
+    model = keras.Sequential([keras.layers.Input((3,)), keras.layers.Dense(2)])
+    assert [n for n, _ in collect_variables(model)] == ["model.0", "model.1"]
+
+
+# Snapshotter.take --------------------------------------------------------------
+
+
+def test_take_copies_every_variable():
+    model = trained_model()
+    snapper = Snapshotter(model)
+    before = time.time()
+    snap = snapper.take(None, epoch=2, batch=5)
+    assert isinstance(snap, HostSnapshot)
+    assert (snap.epoch, snap.batch, snap.metadata) == (2, 5, {})
+    assert before <= snap.taken_at <= time.time()
+    pairs = collect_variables(model)
+    assert [s.name for s in snap.specs] == [n for n, _ in pairs]
+    for spec, array, (name, variable) in zip(snap.specs, snap.arrays, pairs):
+        value = np.asarray(variable.numpy())
+        assert spec.path == variable.path
+        assert spec.shape == tuple(variable.shape) == array.shape
+        assert spec.dtype == array.dtype == value.dtype
+        assert array.tobytes() == value.tobytes(), name
+        assert array.flags.c_contiguous and array.flags.owndata
+    assert snap.nbytes == sum(s.nbytes for s in snap.specs)
+
+
+def test_snapshot_does_not_change_when_variables_change():
+    model = trained_model()
+    snap = Snapshotter(model).take(None, 1, 0)
+    copied = [a.copy() for a in snap.arrays]
+    x, y = make_data()
+    model.train_on_batch(x[:8], y[:8])
+    for _, variable in collect_variables(model):
+        if variable.dtype.startswith("float"):
+            variable.assign(variable + 1)
+    after = [np.asarray(v.numpy()) for _, v in collect_variables(model)]
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(copied, after))
+    for a, b in zip(snap.arrays, copied):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_buffers_are_reused_between_saves():
+    model = trained_model()
+    snapper = Snapshotter(model)
+    first = snapper.take(None, 1, 0)
+    arrays, specs = list(first.arrays), list(first.specs)
+    x, y = make_data()
+    model.train_on_batch(x[:8], y[:8])
+    second = snapper.take(first, 1, 1)
+    assert second is first
+    assert all(a is b for a, b in zip(second.arrays, arrays))
+    assert second.specs == specs
+    # The reused buffers hold the new state.
+    for array, (_, variable) in zip(second.arrays, collect_variables(model)):
+        assert array.tobytes() == np.asarray(variable.numpy()).tobytes()
+    assert (second.epoch, second.batch) == (1, 1)
+
+
+def test_metadata_is_reset_on_reuse():
+    model = fake_model([var([1.0, 2.0])])
+    snapper = Snapshotter(model)
+    snap = snapper.take(None, 0, 0)
+    snap.metadata = {"resume_mid_epoch": True}
+    assert snapper.take(snap, 0, 1).metadata == {}
+
+
+def test_buffer_reallocated_when_shape_changes():
+    a, b = var(np.ones((2, 3)), name="a"), var([5.0], name="b")
+    model = fake_model([a, b])
+    snapper = Snapshotter(model)
+    snap = snapper.take(None, 0, 0)
+    old_a, old_b = snap.arrays
+    bigger = var(np.full((4, 3), 7.0), name="a")
+    model.variables = [bigger, b]
+    snapper.refresh()
+    again = snapper.take(snap, 0, 1)
+    assert again is snap
+    assert again.arrays[0] is not old_a and again.arrays[1] is old_b
+    assert again.arrays[0].shape == (4, 3) and (again.arrays[0] == 7).all()
+    assert old_a.shape == (2, 3) and (old_a == 1).all()
+    assert again.specs[0].shape == (4, 3)
+    assert again.specs[0].nbytes == 4 * 3 * 4
+
+
+def test_buffer_reallocated_when_dtype_changes():
+    model = fake_model([var([1, 2, 3], dtype="float32")])
+    snapper = Snapshotter(model)
+    snap = snapper.take(None, 0, 0)
+    old = snap.arrays[0]
+    model.variables = [var([1, 2, 3], dtype="int32")]
+    snapper.refresh()
+    snapper.take(snap, 0, 1)
+    assert snap.arrays[0] is not old and snap.arrays[0].dtype == np.int32
+    assert snap.specs[0].dtype == np.int32
+    assert old.dtype == np.float32
+
+
+def test_every_buffer_reallocated_when_variable_count_changes():
+    model = fake_model([var([1.0])])
+    snapper = Snapshotter(model)
+    snap = snapper.take(None, 0, 0)
+    [old] = snap.arrays
+    model.variables = [var([1.0]), var([2.0])]
+    snapper.refresh()
+    again = snapper.take(snap, 0, 1)
+    assert again is snap
+    assert all(a is not old for a in again.arrays)
+    assert [a.tolist() for a in again.arrays] == [[1.0], [2.0]]
+    assert [s.name for s in again.specs] == ["model.0", "model.1"]
+    assert old.tolist() == [1.0]
+
+
+def test_specs_follow_the_variables_when_buffers_are_reused():
+    a, b = var([1.0, 2.0], name="a"), var([3.0, 4.0], name="b")
+    model = fake_model([a], optimizer_variables=[b])
+    snapper = Snapshotter(model)
+    snap = snapper.take(None, 0, 0)
+    assert [s.name for s in snap.specs] == ["model.0", "optimizer.0"]
+    # Same count, shapes and dtypes, different variables and groups.
+    model.variables, model.optimizer = [a, b], None
+    snapper.refresh()
+    snapper.take(snap, 0, 1)
+    assert [s.name for s in snap.specs] == ["model.0", "model.1"]
+    assert [s.path for s in snap.specs] == [a.path, b.path]
+
+
+def test_variables_are_cached_until_refresh():
+    model = make_model()
+    model.build((None, 6))
+    snapper = Snapshotter(model)
+    before = snapper.variables()
+    model.optimizer.build(model.trainable_variables)
+    assert snapper.variables() is before
+    snapper.refresh()
+    after = snapper.variables()
+    assert len(after) > len(before)
+    assert [n for n, _ in after] == [n for n, _ in collect_variables(model)]
+
+
+def test_take_keeps_scalars_and_dtypes():
+    model = fake_model([var([1, 2], dtype="float16"), var(7, dtype="int32"),
+                        var(2.5, dtype="float32"), var(np.zeros((0, 4)))])
+    snap = Snapshotter(model).take(None, 0, 0)
+    assert [a.dtype.name for a in snap.arrays] == [
+        "float16", "int32", "float32", "float32"]
+    assert [a.shape for a in snap.arrays] == [(2,), (), (), (0, 4)]
+    assert snap.arrays[0].tolist() == [1, 2]
+    assert int(snap.arrays[1]) == 7 and float(snap.arrays[2]) == 2.5
+
+
+def test_take_copies_bfloat16():
+    snap = Snapshotter(fake_model([var([3.5, -1.0], dtype="bfloat16")])).take(
+        None, 0, 0)
+    assert snap.arrays[0].dtype.name == "bfloat16"
+    assert snap.arrays[0].astype(np.float32).tolist() == [3.5, -1.0]
+
+
+def test_take_copies_a_bfloat16_scalar():
+    snap = Snapshotter(fake_model([var(3.5, dtype="bfloat16")])).take(None, 0, 0)
+    assert snap.arrays[0].dtype.name == "bfloat16" and snap.arrays[0].shape == ()
+    assert float(snap.arrays[0]) == 3.5
+
+
+def test_snapshot_of_restored_fresh_model_matches():
+    # A fresh model with built metrics (conftest) snapshots every group.
+    model = fresh_model()
+    model.optimizer.build(model.trainable_variables)
+    snap = Snapshotter(model).take(None, 0, 0)
+    groups = {s.name.split(".")[0] for s in snap.specs}
+    assert groups == {"model", "optimizer", "metrics"}
+
+
+def test_tensor_spec_nbytes():
+    assert TensorSpec("model.0", "p", np.dtype("float32"), (3, 4)).nbytes == 48
+    assert TensorSpec("model.0", "p", np.dtype("int64"), ()).nbytes == 8
+    assert TensorSpec("model.0", "p", np.dtype("float16"), (0, 5)).nbytes == 0
