@@ -17,6 +17,7 @@ checksum a hundred times slower than the real one.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -28,6 +29,16 @@ def _has_native(package_dir: str) -> bool:
     except OSError:
         return False
     return any(n.startswith("_native") and n.endswith((".so", ".pyd")) for n in names)
+
+
+def _is_built_package(spec: importlib.machinery.ModuleSpec | None) -> bool:
+    """True for a regular `fastbackup` package holding its extension."""
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    package_dir = list(spec.submodule_search_locations)[0]
+    return os.path.isfile(os.path.join(package_dir, "__init__.py")) and _has_native(
+        package_dir
+    )
 
 
 def _prefer_built_fastbackup() -> None:
@@ -53,10 +64,8 @@ def _prefer_built_fastbackup() -> None:
         p for p in sys.path if os.path.realpath(p or os.getcwd()) != checkout
     ]
     saved, sys.path[:] = list(sys.path), kept
-    other = importlib.util.find_spec("fastbackup")
-    if other is None or not other.submodule_search_locations or not _has_native(
-        list(other.submodule_search_locations)[0]
-    ):
+    importlib.invalidate_caches()
+    if not _is_built_package(importlib.util.find_spec("fastbackup")):
         sys.path[:] = saved
 
 

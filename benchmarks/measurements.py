@@ -1,18 +1,21 @@
 """In-process measurements: save cost (a), training loop (b), disk (c), restore (d).
 
 Every section interleaves its configurations and repeats them in rounds,
-rotating the order from one round to the next, so that the slow drifts of a
+in a different (seeded) order each round, so that the slow drifts of a
 shared machine fall on every configuration alike; summaries are medians.
-Between two timed operations the page cache is flushed (`os.sync`, untimed):
-Keras's callback leaves its file's pages dirty, and their write-back would
-otherwise be charged to whatever runs next.
+Between two timed operations (untimed) dirty pages are written back and the
+harness's files dropped from the page cache (`settle`): Keras's callback
+leaves 1.2 GB of dirty pages, and on this class of VM both their write-back
+and their mere presence in the cache slow whatever runs next several-fold.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.util
+import itertools
 import os
+import random
 import shutil
 import statistics
 import time
@@ -41,16 +44,55 @@ def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def rotated(items: Sequence[Any], round_index: int) -> list[Any]:
-    """`items` rotated by `round_index`: each round starts elsewhere."""
-    k = round_index % len(items) if items else 0
-    return list(items[k:]) + list(items[:k])
+def round_order(items: Sequence[Any], round_index: int) -> list[Any]:
+    """The order of `items` in one round: a fixed-seed permutation.
+
+    A rotation would keep every item behind the same predecessor in every
+    round; what an operation leaves behind (dirty or cached pages, freed
+    memory) changes the next one's time, so predecessors must vary too.
+    """
+    if len(items) <= 4:
+        # Few items: walk through all their permutations (seeded order), so
+        # that two items alternate and four get every predecessor.
+        perms = [list(p) for p in itertools.permutations(items)]
+        random.Random(0).shuffle(perms)
+        return perms[round_index % len(perms)]
+    order = list(items)
+    random.Random(round_index).shuffle(order)
+    return order
 
 
-def settle() -> None:
-    """Flushes dirty pages and garbage between two timed operations."""
+def evict(*paths: str) -> None:
+    """Drops the page-cache pages of the files under `paths` (after a sync).
+
+    A file just written leaves its pages cached, and on this class of VM
+    the next large write is several times slower while they are (measured:
+    a 1.2 GB `os.write` loop takes 0.3 s normally, 1.4-3.1 s right after
+    Keras's 1.2 GB h5 save, 0.3-1.0 s once the h5's pages are dropped).
+    """
+    for root in paths:
+        for folder, _, names in os.walk(root):
+            for name in names:
+                try:
+                    fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
+def settle(*paths: str) -> None:
+    """Between two timed operations: garbage, dirty pages, cached files.
+
+    Collects garbage, writes every dirty page back (`os.sync`) and drops
+    the cached pages of the files under `paths`, so that each operation
+    starts from the same state whatever ran before it.
+    """
     gc.collect()
     os.sync()
+    evict(*paths)
     time.sleep(0.05)
 
 
@@ -96,14 +138,16 @@ class _CopyFloor:
         self._dst = [np.empty_like(a) for a in state_arrays(model)]
         self.run()  # touch every page once
 
-    def run(self) -> float:
-        src = state_arrays(self._model)
+    def run(self) -> tuple[float, float]:
+        """Returns (seconds to get the variables' host views, seconds to copy)."""
         start = time.perf_counter()
+        src = state_arrays(self._model)
+        copy_start = time.perf_counter()
         for d, s in zip(self._dst, src):
             np.copyto(d, s)
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
         del src
-        return elapsed
+        return copy_start - start, end - copy_start
 
     def close(self) -> None:
         self._dst = []
@@ -115,14 +159,16 @@ class _RawWriteFloor:
     def __init__(self, directory: str, nbytes: int) -> None:
         os.makedirs(directory, exist_ok=True)
         self._directory = directory
-        self._buf = np.full(nbytes, 0x5A, dtype=np.uint8)
+        # Incompressible bytes, in case the storage under the VM compresses.
+        self._buf = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
         self._count = 0
 
     @property
     def nbytes(self) -> int:
         return int(self._buf.nbytes)
 
-    def run(self) -> float:
+    def run(self) -> tuple[float, float]:
+        """Returns (seconds in the write loop, seconds in fsync and close)."""
         self._count += 1
         path = os.path.join(self._directory, f"raw-{self._count}.bin")
         view = memoryview(self._buf)
@@ -132,12 +178,13 @@ class _RawWriteFloor:
             offset = 0
             while offset < len(view):
                 offset += os.write(fd, view[offset : offset + _RAW_CHUNK])
+            written = time.perf_counter()
             os.fsync(fd)
         finally:
             os.close(fd)
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
         os.unlink(path)
-        return elapsed
+        return written - start, end - written
 
     def close(self) -> None:
         self._buf = np.empty(0, np.uint8)
@@ -172,9 +219,12 @@ def measure_saves(
     kcb.set_model(model)
 
     samples: dict[str, list[float]] = {
-        "floor_copy_s": [], "fastbackup_blocking_s": [], "fastbackup_durable_s": [],
-        "fastbackup_write_s": [], "fastbackup_write_bps": [], "keras_save_s": [],
-        "raw_write_s": [], "raw_write_bps": [],
+        name: []
+        for name in (
+            "floor_copy_s", "floor_views_s", "fastbackup_blocking_s",
+            "fastbackup_durable_s", "fastbackup_write_s", "fastbackup_write_bps",
+            "keras_save_s", "raw_write_s", "raw_write_loop_s", "raw_write_bps",
+        )
     }
 
     def fastbackup_save(record: bool) -> None:
@@ -201,29 +251,37 @@ def measure_saves(
     fastbackup_save(record=False)
     first_blocking = fb.blocking_seconds[-1]
     first_keras = keras_save()
-    settle()
+    settle(fb_dir, keras_dir)
     checkpoint_bytes = fb.stats.bytes_written
     raw = _RawWriteFloor(os.path.join(work_dir, "raw"), checkpoint_bytes)
     raw.run()
-    settle()
+    settle(fb_dir, keras_dir)
 
     def run_raw() -> None:
-        seconds = raw.run()
-        samples["raw_write_s"].append(seconds)
-        samples["raw_write_bps"].append(raw.nbytes / seconds)
+        write, sync = raw.run()
+        samples["raw_write_s"].append(write + sync)
+        samples["raw_write_loop_s"].append(write)
+        samples["raw_write_bps"].append(raw.nbytes / (write + sync))
+
+    def run_floor() -> None:
+        views, copy = floor.run()
+        samples["floor_views_s"].append(views)
+        samples["floor_copy_s"].append(copy)
 
     steps: dict[str, Callable[[], None]] = {
-        "floor": lambda: samples["floor_copy_s"].append(floor.run()),
+        "floor": run_floor,
         "fastbackup": lambda: fastbackup_save(record=True),
         "keras": lambda: samples["keras_save_s"].append(keras_save()),
         "raw": run_raw,
     }
+    orders: list[list[str]] = []
     for r in range(rounds):
-        order = rotated(list(steps), r)
+        order = round_order(list(steps), r)
         log(f"  round {r + 1}/{rounds}: {', '.join(order)}")
+        orders.append(order)
         for name in order:
             steps[name]()
-            settle()
+            settle(fb_dir, keras_dir)
 
     stats = fb.stats
     fb.on_train_end()
@@ -233,6 +291,7 @@ def measure_saves(
     keras_file = os.path.join(keras_dir, "latest.weights.h5")
     return {
         "samples": samples,
+        "orders": orders,
         "first_save": {"fastbackup_blocking_s": first_blocking,
                        "keras_save_s": first_keras},
         "checkpoint_bytes": checkpoint_bytes,
@@ -249,25 +308,35 @@ def measure_saves(
 # b: the training loop.
 
 
+def _process_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 class LoopTiming:
-    """Times one `fit`'s training loop from two callbacks.
+    """Times one `fit`'s training loop (wall and process CPU) from two callbacks.
 
     `start` must be the first callback and `stop` the last: the loop runs
     from `start.on_train_begin` (before any other callback's) to
     `stop.on_train_end` (after every other callback's, so a callback that
     waits for its last write pays for it here). `fit`'s own set-up and
     tear-down, which on this machine sometimes pause for seconds, are
-    outside.
+    outside. The process's CPU time over the same span (every thread,
+    the background writer's included) is recorded too: other tenants of a
+    shared machine stretch wall time far more than it.
     """
 
     def __init__(self) -> None:
         self.begin = 0.0
         self.end = 0.0
+        self.cpu_begin = 0.0
+        self.cpu_end = 0.0
         self.batch_ends: list[float] = []
         timing = self
 
         class Start(keras.callbacks.Callback):
             def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+                timing.cpu_begin = _process_cpu_s()
                 timing.begin = time.perf_counter()
 
         class Stop(keras.callbacks.Callback):
@@ -276,6 +345,7 @@ class LoopTiming:
 
             def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
                 timing.end = time.perf_counter()
+                timing.cpu_end = _process_cpu_s()
 
         self.start, self.stop = Start(), Stop()
 
@@ -283,6 +353,11 @@ class LoopTiming:
     def loop_s(self) -> float:
         """on_train_begin to on_train_end."""
         return self.end - self.begin
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of the whole process (all threads) during the loop."""
+        return self.cpu_end - self.cpu_begin
 
     @property
     def steps_s(self) -> float:
@@ -299,7 +374,15 @@ class LoopTiming:
         return [b - a for a, b in zip(marks[:-1], marks[1:])]
 
 
-def _make_callback(tool: str, directory: str, save_freq: SaveFreq) -> keras.callbacks.Callback | None:
+def _writer_counts(callback: Any) -> tuple[int, int, int]:
+    """(saves, coalesced, writes timed) so far, to take per-run differences."""
+    stats = callback.stats
+    return stats.saves, stats.coalesced, len(stats.write_seconds)
+
+
+def _make_callback(
+    tool: str, directory: str, save_freq: SaveFreq
+) -> keras.callbacks.Callback | None:
     if tool == "none":
         return None
     if tool == "fastbackup":
@@ -313,7 +396,9 @@ def _make_callback(tool: str, directory: str, save_freq: SaveFreq) -> keras.call
     raise ValueError(f"unknown tool {tool!r}")
 
 
-def loop_configurations(save_freqs: Sequence[SaveFreq], with_orbax: bool) -> list[tuple[str, SaveFreq | None]]:
+def loop_configurations(
+    save_freqs: Sequence[SaveFreq], with_orbax: bool
+) -> list[tuple[str, SaveFreq | None]]:
     """The (tool, save_freq) pairs section b runs in each round."""
     configs: list[tuple[str, SaveFreq | None]] = [("none", None)]
     tools = ["keras", "fastbackup"] + (["orbax"] if with_orbax else [])
@@ -347,13 +432,39 @@ def measure_training_loop(
     with_orbax = orbax_available()
     configs = loop_configurations(save_freqs, with_orbax)
     runs: dict[str, list[dict[str, Any]]] = {config_key(*c): [] for c in configs}
+    # Untimed: the first `fit` on new data pays one-off set-up costs that
+    # would otherwise fall on whichever configuration runs first.
+    warm = 3 * spec.batch_size
+    model.fit(x[:warm], y[:warm], batch_size=spec.batch_size, epochs=1,
+              shuffle=False, verbose=0)
+    # One callback per configuration, reused from round to round as in one
+    # long `fit`: fastbackup allocates its host buffer at its first save
+    # only (that one-off cost is section a's "first save"), taken here.
+    instances: dict[str, Any] = {}
+    for tool, freq in configs:
+        if tool in ("keras", "fastbackup"):
+            key = config_key(tool, freq)
+            instances[key] = _make_callback(
+                tool, os.path.join(work_dir, f"loop-{tool}-{freq}"), freq or "epoch")
+            if tool == "fastbackup":  # untimed first save: allocates the buffer
+                cb = instances[key]
+                cb.set_model(model)
+                cb.on_train_begin()
+                cb._save(0, 0, block=True)
+                cb.on_train_end()
+    settle()
+    orders: list[list[str]] = []
     for r in range(rounds):
-        order = rotated(configs, r)
+        order = round_order(configs, r)
+        orders.append([config_key(*c) for c in order])
         log(f"  round {r + 1}/{rounds}")
         for tool, freq in order:
             key = config_key(tool, freq)
-            directory = _fresh_dir(work_dir, f"loop-{tool}")
-            callback = _make_callback(tool, directory, freq if freq is not None else "epoch")
+            directory = os.path.join(work_dir, f"loop-{tool}-{freq}")
+            callback = instances.get(key)
+            if tool == "orbax":  # Orbax's callback closes itself at train end.
+                callback = _make_callback(tool, directory, freq or "epoch")
+            before = _writer_counts(callback) if tool == "fastbackup" else None
             timing = LoopTiming()
             callbacks = [timing.start] + ([callback] if callback else []) + [timing.stop]
             model.fit(
@@ -365,42 +476,52 @@ def measure_training_loop(
                 "loop_s": timing.loop_s,
                 "steps_s": timing.steps_s,
                 "end_s": timing.end_s,
+                "cpu_s": timing.cpu_s,
                 "median_step_s": median(timing.step_times()),
             }
-            if tool == "fastbackup":
+            if before is not None:
+                after = _writer_counts(callback)
                 stats = callback.stats  # type: ignore[union-attr]
                 run.update(
-                    saves=stats.saves,
-                    coalesced=stats.coalesced,
+                    saves=after[0] - before[0],
+                    coalesced=after[1] - before[1],
                     median_blocking_s=median(callback.blocking_seconds),  # type: ignore[union-attr]
-                    median_write_s=median(stats.write_seconds),
+                    median_write_s=median(stats.write_seconds[before[2]:]),
                 )
-                _close_writer(callback)
             runs[key].append(run)
             log(f"    {key:<18} loop {run['loop_s']:7.2f} s  "
                 f"(steps {run['steps_s']:7.2f} s, end {run['end_s']:5.2f} s)")
             del callback
             shutil.rmtree(directory, ignore_errors=True)
             settle()
+    for callback in instances.values():
+        _close_writer(callback)
+    instances.clear()
 
-    base = [run["loop_s"] for run in runs["none"]]
-    base_steps = [run["steps_s"] for run in runs["none"]]
+    def column(items: list[dict[str, Any]], name: str) -> list[float]:
+        return [run[name] for run in items]
+
+    def over(items: list[dict[str, Any]], name: str) -> float:
+        """Median of `name` over the median without a callback, minus 1."""
+        return statistics.median(column(items, name)) / statistics.median(
+            column(runs["none"], name)) - 1.0
+
     summary: dict[str, Any] = {}
     for key, items in runs.items():
-        loop = [run["loop_s"] for run in items]
-        steps = [run["steps_s"] for run in items]
         paired = [
             run["loop_s"] / runs["none"][i]["loop_s"] - 1.0
             for i, run in enumerate(items)
         ]
         summary[key] = {
-            "median_loop_s": median(loop),
-            "median_steps_s": median(steps),
-            "median_end_s": median([run["end_s"] for run in items]),
-            "median_step_s": median([run["median_step_s"] for run in items]),
-            "overhead": median(loop) / median(base) - 1.0,  # type: ignore[operator]
+            "median_loop_s": median(column(items, "loop_s")),
+            "median_steps_s": median(column(items, "steps_s")),
+            "median_end_s": median(column(items, "end_s")),
+            "median_step_s": median(column(items, "median_step_s")),
+            "median_cpu_s": median(column(items, "cpu_s")),
+            "overhead": over(items, "loop_s"),
             "overhead_paired": median(paired),
-            "overhead_steps_only": median(steps) / median(base_steps) - 1.0,  # type: ignore[operator]
+            "overhead_steps_only": over(items, "steps_s"),
+            "cpu_overhead": over(items, "cpu_s"),
         }
         for extra in ("saves", "coalesced", "median_blocking_s", "median_write_s"):
             if items and extra in items[0]:
@@ -410,6 +531,7 @@ def measure_training_loop(
         "epochs": spec.loop_epochs,
         "save_freqs": list(save_freqs),
         "orbax": "installed" if with_orbax else "not installed",
+        "orders": orders,
         "runs": runs,
         "summary": summary,
     }
@@ -449,9 +571,10 @@ def measure_restore(
     """Section d: `restore_latest` vs Keras `load_weights`, same state.
 
     Both load, into a fresh model of the same architecture (optimizer
-    built), the backups `measure_saves` left of one and the same state; the
-    files were just written, so both read from the page cache. Checks once
-    that each restore reproduces the source model's state exactly.
+    built), the backups `measure_saves` left of one and the same state.
+    Both files' cached pages are dropped before each restore, as after a
+    preemption, when a new process or machine restores. Checks once that
+    each restore reproduces the source model's state exactly.
     """
     from fastbackup.restore import restore_latest
 
@@ -482,12 +605,13 @@ def measure_restore(
         "fastbackup": lambda: samples["fastbackup_restore_s"].append(fastbackup_restore()),
         "keras": lambda: samples["keras_load_s"].append(keras_load()),
     }
+    cached = (files["fastbackup_dir"], os.path.dirname(files["keras_weights"]))
     for r in range(rounds):
-        order = rotated(list(steps), r)
+        order = round_order(list(steps), r)
         log(f"  round {r + 1}/{rounds}: {', '.join(order)}")
         for name in order:
+            settle(*cached)
             steps[name]()
-            gc.collect()
     del target
     gc.collect()
     return {

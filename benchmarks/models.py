@@ -52,7 +52,7 @@ class ModelSpec:
         return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
 
 
-QUICK = ModelSpec(name="quick", units=1024, input_dim=1024, loop_steps=20)
+QUICK = ModelSpec(name="quick", units=1024, input_dim=1024, loop_steps=12)
 FULL = ModelSpec(name="full", units=4096, input_dim=4096, loop_steps=20)
 SPECS = {s.name: s for s in (QUICK, FULL)}
 

@@ -1,0 +1,330 @@
+"""Targets, the printed tables, `results.json` and the plot.
+
+The targets are stated for the full model; on the quick model the verdicts
+are printed too but only indicate (small states make fixed costs loom).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+MB = 1e6
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """One target checked against the measured value."""
+
+    key: str
+    target: str
+    measured: str
+    value: float | None
+    limit: float
+    passed: bool | None
+
+    @property
+    def word(self) -> str:
+        return "n/a" if self.passed is None else ("PASS" if self.passed else "MISS")
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _check(key: str, target: str, value: float | None, limit: float,
+           ok: Callable[[float, float], bool], fmt: str) -> Verdict:
+    if value is None:
+        return Verdict(key, target, "not measured", None, limit, None)
+    return Verdict(key, target, fmt.format(value), value, limit, ok(value, limit))
+
+
+def verdicts(results: dict[str, Any]) -> list[Verdict]:
+    """Checks every target against the run's medians."""
+    a = _get(results, "a_c_saves", "median") or {}
+    b = _get(results, "b_training_loop", "summary") or {}
+    d = _get(results, "d_restore", "median") or {}
+    e = _get(results, "e_memory", "fastbackup/saves") or {}
+    le = lambda v, lim: v <= lim  # noqa: E731
+    ge = lambda v, lim: v >= lim  # noqa: E731
+    return [
+        _check("a", "blocking per save <= 1.5x memcpy floor",
+               _ratio(a.get("fastbackup_blocking_s"), a.get("floor_copy_s")),
+               1.5, le, "{:.2f}x floor"),
+        _check("b5", "loop overhead, save_freq=5 <= 3%",
+               _get(b, "fastbackup/5", "overhead"), 0.03, le, "{:+.1%}"),
+        _check("b1", "loop overhead, save_freq=1 <= 15%",
+               _get(b, "fastbackup/1", "overhead"), 0.15, le, "{:+.1%}"),
+        _check("c", "durable write >= 0.9x raw write+fsync",
+               _ratio(a.get("fastbackup_write_bps"), a.get("raw_write_bps")),
+               0.9, ge, "{:.2f}x raw"),
+        _check("d", "restore <= Keras load_weights",
+               _ratio(d.get("fastbackup_restore_s"), d.get("keras_load_s")),
+               1.0, le, "{:.2f}x Keras"),
+        _check("e", "peak RSS added <= 1.25x state",
+               _ratio(e.get("added_bytes"), e.get("state_bytes")),
+               1.25, le, "{:.2f}x state"),
+    ]
+
+
+def _per(x: float | None, unit: float) -> float | None:
+    return None if x is None else x / unit
+
+
+def _s(x: float | None, unit: str = "s") -> str:
+    if x is None:
+        return "-"
+    if unit == "s":
+        return f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s"
+    if unit == "GB/s":
+        return f"{x / GB:.2f} GB/s"
+    if unit == "MB":
+        return f"{x / MB:,.0f} MB"
+    if unit == "%":
+        return f"{x:+.1%}"
+    return f"{x:.3g}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The a-e table: fastbackup, the references, the ratio, the verdict."""
+    a = _get(results, "a_c_saves") or {}
+    am = a.get("median", {})
+    b = _get(results, "b_training_loop", "summary") or {}
+    orbax = _get(results, "b_training_loop", "orbax") or "not installed"
+    d = _get(results, "d_restore", "median") or {}
+    e = results.get("e_memory") or {}
+    v = {x.key: x for x in verdicts(results)}
+    state = results.get("state_bytes")
+
+    def loop_ref(freq: str) -> str:
+        keras = _get(b, f"keras/{freq}", "overhead")
+        keras_cpu = _get(b, f"keras/{freq}", "cpu_overhead")
+        orb = _get(b, f"orbax/{freq}", "overhead")
+        text = f"Keras {_s(keras, '%')}" + (
+            f" (CPU {_s(keras_cpu, '%')})" if keras_cpu is not None else "")
+        return text + (f"; Orbax {_s(orb, '%')}" if orb is not None else f"; Orbax {orbax}")
+
+    def loop_row(label: str, freq: str, key: str | None) -> list[str]:
+        fb = _get(b, f"fastbackup/{freq}") or {}
+        detail = (f"{_s(fb.get('overhead'), '%')} (paired {_s(fb.get('overhead_paired'), '%')}; "
+                  f"steps only {_s(fb.get('overhead_steps_only'), '%')}"
+                  + (f"; CPU {_s(fb['cpu_overhead'], '%')}" if "cpu_overhead" in fb else "")
+                  + ")")
+        verdict = v[key] if key else None
+        return [label, detail, loop_ref(freq),
+                verdict.target.split(",")[-1].strip() if verdict else "-",
+                verdict.word if verdict else "-"]
+
+    fb_saves = e.get("fastbackup/saves", {})
+    keras_saves = e.get("keras/saves", {})
+    # Added while training: the probe's own rise over its baseline, minus
+    # the rise of the same fit without a callback.
+    base_fit = _get(e, "none/fit", "added_bytes")
+    fit_add = {
+        tool: _get(e, f"{tool}/fit", "added_bytes") - base_fit
+        if _get(e, f"{tool}/fit") and base_fit is not None else None
+        for tool in ("fastbackup", "keras")
+    }
+    rows = [
+        ["a. blocking per save",
+         f"{_s(am.get('fastbackup_blocking_s'))} ({v['a'].measured})",
+         f"memcpy floor {_s(am.get('floor_copy_s'))}; Keras save {_s(am.get('keras_save_s'))}",
+         "<= 1.5x floor", v["a"].word],
+        loop_row("b. loop, save_freq=1", "1", "b1"),
+        loop_row("b. loop, save_freq=5", "5", "b5"),
+        loop_row("b. loop, save_freq=epoch", "epoch", None),
+        ["c. durable write",
+         f"{_s(am.get('fastbackup_write_bps'), 'GB/s')} ({v['c'].measured}); "
+         f"compression {a.get('compression_ratio', 0):.3f}x",
+         f"raw write+fsync {_s(am.get('raw_write_bps'), 'GB/s')}",
+         ">= 0.9x raw", v["c"].word],
+        ["d. restore",
+         f"{_s(d.get('fastbackup_restore_s'))} ({v['d'].measured})",
+         f"Keras load_weights {_s(d.get('keras_load_s'))}", "<= Keras", v["d"].word],
+        ["e. peak RSS added (saves)",
+         f"{_s(fb_saves.get('added_bytes'), 'MB')} ({v['e'].measured})",
+         f"state {_s(state, 'MB')}; Keras {_s(keras_saves.get('added_bytes'), 'MB')}",
+         "<= 1.25x state", v["e"].word],
+        ["e. peak RSS added (in fit)",
+         f"{_s(fit_add['fastbackup'], 'MB')}",
+         f"Keras {_s(fit_add['keras'], 'MB')}", "-", "-"],
+    ]
+    return _table(["measurement", "fastbackup", "reference", "target", "verdict"], rows)
+
+
+def _cpu(summary: dict[str, Any]) -> str:
+    cpu = summary.get("median_cpu_s")
+    if cpu is None:
+        return "-"
+    over = summary.get("cpu_overhead")
+    return f"{cpu:.1f}" + (f" ({over:+.1%})" if over else "")
+
+
+def _rest(saves: dict[str, Any]) -> float | None:
+    """Median of durable - blocking - write over the measured saves."""
+    s = saves.get("samples", {})
+    rest = [d - b - w for d, b, w in zip(s.get("fastbackup_durable_s", []),
+                                         s.get("fastbackup_blocking_s", []),
+                                         s.get("fastbackup_write_s", []))]
+    return sorted(rest)[len(rest) // 2] if rest else None
+
+
+def detail_tables(results: dict[str, Any]) -> str:
+    """Per-configuration training-loop figures and memory probes."""
+    parts = []
+    b = _get(results, "b_training_loop", "summary") or {}
+    if b:
+        rows = []
+        for key, s in b.items():
+            rows.append([
+                key, _s(s["median_loop_s"]), _s(s["median_steps_s"]), _s(s["median_end_s"]),
+                _s(s["median_step_s"]), _s(s["overhead"], "%") if key != "none" else "-",
+                _s(s["overhead_paired"], "%") if key != "none" else "-",
+                _cpu(s),
+                f"{s['saves']:.0f}/{s['coalesced']:.0f}" if "saves" in s else "-",
+                _s(s.get("median_blocking_s")),
+            ])
+        parts.append(_table(
+            ["config", "loop", "steps", "end", "step", "overhead", "paired",
+             "CPU s (overhead)", "saves/coalesced", "blocking"], rows))
+    a = results.get("a_c_saves") or {}
+    if a:
+        m = a["median"]
+        first = a.get("first_save", {})
+        parts.append(_table(["save (median)", "value"], [
+            ["memcpy floor (+ getting TF's host views first)",
+             f"{_s(m.get('floor_copy_s'))} (+ {_s(m.get('floor_views_s'))})"],
+            ["fastbackup blocking (first save: allocates)",
+             f"{_s(m.get('fastbackup_blocking_s'))} ({_s(first.get('fastbackup_blocking_s'))})"],
+            ["fastbackup save -> durable", _s(m.get("fastbackup_durable_s"))],
+            ["fastbackup write (commit: stream, fdatasync, rename, dir fsync)",
+             _s(m.get("fastbackup_write_s"))],
+            ["fastbackup rest of save -> durable (encode, hand-off, prune)",
+             _s(_rest(a))],
+            ["Keras save_weights + json (first save)",
+             f"{_s(m.get('keras_save_s'))} ({_s(first.get('keras_save_s'))})"],
+            ["raw write + fsync (of which the write loop)",
+             f"{_s(m.get('raw_write_s'))} ({_s(m.get('raw_write_loop_s'))})"],
+            ["checkpoint / Keras h5 size",
+             f"{_s(a.get('checkpoint_bytes'), 'MB')} / {_s(a.get('keras_file_bytes'), 'MB')}"],
+        ]))
+    e = results.get("e_memory") or {}
+    if e:
+        rows = [[k, _s(p.get("baseline_bytes"), "MB"), _s(p.get("peak_bytes"), "MB"),
+                 _s(p.get("added_bytes"), "MB"), _s(p.get("retained_bytes"), "MB")]
+                for k, p in e.items() if isinstance(p, dict)]
+        parts.append(_table(["memory probe", "baseline", "peak", "added", "retained"], rows))
+    return "\n\n".join(parts)
+
+
+def verdict_lines(results: dict[str, Any]) -> str:
+    """One PASS/MISS line per target."""
+    return "\n".join(f"{x.word:<4}  {x.key:<3} {x.target}: {x.measured}" for x in verdicts(results))
+
+
+def write_json(results: dict[str, Any], out_dir: str) -> str:
+    """Writes `results.json` (with the verdicts) and returns its path."""
+    path = os.path.join(out_dir, "results.json")
+    payload = dict(results)
+    payload["verdicts"] = [dataclasses.asdict(v) | {"verdict": v.word} for v in verdicts(results)]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=False, default=str)
+    return path
+
+
+def write_plot(results: dict[str, Any], out_dir: str) -> str:
+    """Draws the five sections side by side into `results.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    model = results.get("model", {}).get("name", "?")
+    fig.suptitle(f"fastbackup benchmarks ({model} model, "
+                 f"{_s(results.get('state_bytes'), 'MB')} of state; medians)")
+    colors = {"fastbackup": "tab:green", "Keras": "tab:red", "floor": "tab:gray",
+              "Orbax": "tab:purple"}
+
+    def bars(ax: Any, labels: list[str], values: list[float | None], title: str,
+             ylabel: str, fmt: str, kinds: list[str]) -> None:
+        vals = [x if x is not None else 0.0 for x in values]
+        drawn = ax.bar(labels, vals, color=[colors[k] for k in kinds])
+        ax.bar_label(drawn, labels=[fmt.format(x) if x is not None else "n/a" for x in values],
+                     fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.tick_params(axis="x", labelsize=8)
+
+    am = _get(results, "a_c_saves", "median") or {}
+    bars(axes[0][0], ["memcpy\nfloor", "fastbackup", "Keras"],
+         [am.get("floor_copy_s"), am.get("fastbackup_blocking_s"), am.get("keras_save_s")],
+         "a. blocking time per save", "seconds", "{:.3f}", ["floor", "fastbackup", "Keras"])
+
+    ax = axes[0][1]
+    b = _get(results, "b_training_loop", "summary") or {}
+    freqs = [str(f) for f in _get(results, "b_training_loop", "save_freqs") or []]
+    tools = [t for t in ("keras", "fastbackup", "orbax") if any(f"{t}/{f}" in b for f in freqs)]
+    width = 0.8 / max(len(tools), 1)
+    for i, tool in enumerate(tools):
+        vals = [(_get(b, f"{tool}/{f}", "overhead") or 0.0) * 100 for f in freqs]
+        name = {"keras": "Keras", "fastbackup": "fastbackup", "orbax": "Orbax"}[tool]
+        drawn = ax.bar([j + i * width for j in range(len(freqs))], vals, width,
+                       label=name, color=colors[name])
+        ax.bar_label(drawn, labels=[f"{x:+.0f}%" for x in vals], fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xticks([j + width * (len(tools) - 1) / 2 for j in range(len(freqs))],
+                  [f"save_freq={f}" for f in freqs], fontsize=8)
+    ax.set_title("b. training-loop overhead vs no callback", fontsize=10)
+    ax.set_ylabel("%")
+    ax.legend(fontsize=8)
+
+    bars(axes[0][2], ["raw write\n+ fsync", "fastbackup\nwriter"],
+         [_per(am.get("raw_write_bps"), GB), _per(am.get("fastbackup_write_bps"), GB)],
+         "c. durable write throughput", "GB/s", "{:.2f}", ["floor", "fastbackup"])
+
+    d = _get(results, "d_restore", "median") or {}
+    bars(axes[1][0], ["fastbackup\nrestore_latest", "Keras\nload_weights"],
+         [d.get("fastbackup_restore_s"), d.get("keras_load_s")],
+         "d. restore time", "seconds", "{:.2f}", ["fastbackup", "Keras"])
+
+    e = results.get("e_memory") or {}
+    state = (results.get("state_bytes") or 0) / MB
+    bars(axes[1][1], ["state size", "fastbackup\nsaves", "Keras\nsaves"],
+         [state or None, _per(_get(e, "fastbackup/saves", "added_bytes"), MB),
+          _per(_get(e, "keras/saves", "added_bytes"), MB)],
+         "e. peak resident memory added", "MB", "{:,.0f}", ["floor", "fastbackup", "Keras"])
+    axes[1][1].axhline(1.25 * state, color="black", linestyle="--", linewidth=0.8,
+                       label="1.25x state")
+    axes[1][1].legend(fontsize=8)
+
+    ax = axes[1][2]
+    ax.axis("off")
+    ax.text(0.0, 1.0, "Targets (full model)\n\n" + verdict_lines(results),
+            va="top", ha="left", family="monospace", fontsize=8, wrap=True)
+
+    fig.tight_layout()
+    path = os.path.join(out_dir, "results.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
