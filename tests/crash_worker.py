@@ -16,11 +16,14 @@ verifying process, so each costs a model build instead of a 4 s import, and
 2. For each kill, a *training* child trains the same job from scratch into a
    new backup directory with `save_freq=1` and `delete_checkpoint=False`,
    and writes its progress (steps completed) to a file after every batch.
-   Once its first checkpoint exists, the zygote waits a random delay and
-   SIGKILLs it. To widen the mid-write window, some children cap every
-   write(2) at a few hundred bytes (the native "short_write" failpoint) and
-   sleep between the buffers of a checkpoint, so the kill often lands while
-   a temporary file is half written.
+   The zygote picks a random step, waits until the child has completed it,
+   waits a random 0-12 ms more and SIGKILLs it. Each kill uses one of three
+   write modes: "native" (the real writer at full speed), "short" (every
+   write(2) capped at 256 bytes by the native "short_write" failpoint, so
+   the write loop advances over short writes) and "slow" (capped, and the
+   writer pauses 2 ms between the buffers of a checkpoint; the zygote waits
+   for the temporary file to appear and kills within 0-4 ms, so the kill
+   lands while a checkpoint is half written).
 3. A *verifying* child (a fresh process) builds a fresh model and restores
    through `BackupAndRestore.on_train_begin`, exactly as a resumed job
    would. It checks that the temporary files of the killed writer are gone
@@ -343,7 +346,8 @@ def run(kills: int, seed: int, workdir: str, timeout: float = 120.0) -> dict:
         raise RuntimeError("the reference run failed")
     shutil.rmtree(os.path.join(workdir, "ref-backup"), ignore_errors=True)
 
-    def train_and_kill(index: int, mode: str, delay: float | None) -> dict:
+    def train_and_kill(index: int, mode: str, target: int | None,
+                       delay: float = 0.0) -> dict:
         backup = os.path.join(workdir, f"run-{index}")
         progress = os.path.join(workdir, f"progress-{index}")
         record: dict = {"index": index, "mode": mode, "backup": backup}
@@ -357,16 +361,31 @@ def run(kills: int, seed: int, workdir: str, timeout: float = 120.0) -> dict:
                 record["hang"] = "no checkpoint appeared"
                 return record
             time.sleep(0.001)
-        first = time.perf_counter()
-        if delay is None:  # run to completion, then kill
+        if target is None:  # run to completion, then kill
             while not _read_progress(progress)[1]:
                 if time.monotonic() > deadline:
                     record["hang"] = "did not finish"
                     break
                 time.sleep(0.002)
-            record["train_seconds"] = time.perf_counter() - first
         else:
+            # The kill lands `delay` seconds after step `target` completed:
+            # anywhere in the run whatever the machine's load, and anywhere
+            # within a step (snapshot, training, or the writer mid-file).
+            while _read_progress(progress)[0] < target:
+                if time.monotonic() > deadline:
+                    record["hang"] = "did not reach its kill step"
+                    break
+                time.sleep(0.0005)
+            if mode == "slow":
+                # Aimed at the writer: wait for its temporary file, then kill
+                # within the next few buffers.
+                while not any(n.endswith(".tmp") for n in os.listdir(backup)):
+                    if time.monotonic() > deadline:
+                        record["hang"] = "no temporary file appeared"
+                        break
+                    time.sleep(0.0002)
             time.sleep(delay)
+        record["target"] = target
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         record["progress"], record["finished"] = _read_progress(progress)
@@ -393,22 +412,19 @@ def run(kills: int, seed: int, workdir: str, timeout: float = 120.0) -> dict:
         return record
 
     # Calibration: one uninterrupted run, which must also restore exactly
-    # the reference's final state (the determinism check); it also times
-    # the training, from the first checkpoint to the end.
+    # the reference's final state (the determinism check).
     calib = train_and_kill(-1, "native", None)
     calib = finish_verify(calib, start_verify(calib))
     if calib.get("restored_step") != TOTAL_STEPS or calib.get("differs") != []:
         problems.append(f"calibration run does not match reference: {calib}")
-    window = max(calib.get("train_seconds", 0.5), 0.05)
 
     records = []
     pending: tuple[dict, int | None] | None = None
     started = time.perf_counter()
     for i in range(kills):
         mode = MODES[i % len(MODES)] if i < len(MODES) else rng.choice(MODES)
-        # Slowed writes slow training a little too; widen the window.
-        scale = 1.3 if mode == "slow" else 1.0
-        record = train_and_kill(i, mode, rng.uniform(0.0, window * scale))
+        delay = rng.uniform(0.0, 0.004 if mode == "slow" else 0.012)
+        record = train_and_kill(i, mode, rng.randrange(1, TOTAL_STEPS), delay)
         # The previous kill's verifier ran while this child trained.
         if pending is not None:
             records.append(finish_verify(*pending))
@@ -440,16 +456,30 @@ def run(kills: int, seed: int, workdir: str, timeout: float = 120.0) -> dict:
         "killed_mid_write": len(mid_write),
         "killed_after_finish": sum(1 for r in records if r.get("finished")),
         "restored_from_future": len(future),
-        "modes": {m: sum(1 for r in records if r["mode"] == m) for m in MODES},
+        "modes": {
+            m: {
+                "kills": sum(1 for r in records if r["mode"] == m),
+                "killed_mid_write": sum(
+                    1 for r in mid_write if r["mode"] == m),
+                "median_steps_lost": statistics.median(
+                    [r["progress"] - r["restored_step"] for r in records
+                     if r["mode"] == m and "restored_step" in r] or [0]),
+            }
+            for m in MODES
+        },
         "median_steps_lost": statistics.median(steps_lost) if steps_lost else None,
         "max_steps_lost": max(steps_lost) if steps_lost else None,
         "steps_lost_histogram": {
             str(k): steps_lost.count(k) for k in sorted(set(steps_lost))
         },
         "total_steps": TOTAL_STEPS,
-        "training_window_seconds": window,
         "kill_loop_seconds": elapsed,
         "problems": problems,
+        "records": [
+            {k: r.get(k) for k in ("mode", "target", "progress",
+                                   "restored_step", "temp_before")}
+            for r in records
+        ],
         "failures": [r for r in records
                      if r in unloadable or r in inconsistent or r in lost
                      or r in hangs or r in temps_left or r in future][:20],
