@@ -6,9 +6,13 @@ crash-safety protocol as the extension:
 
 * ``crc32c(data, value=0)``: CRC-32C (Castagnoli). Correct but slow (a few
   MB/s; the extension does over 10 GB/s), one table lookup per byte.
-* ``AtomicFile(directory, final_name, *, sync=True)``: write
+* ``AtomicFile(directory, final_name, *, sync=True, direct=False)``: write
   ``.{final_name}.{16 hex}.tmp`` next to the final name, then ``commit()``
   fdatasyncs, closes, renames it over ``final_name`` and fsyncs the directory.
+  ``direct`` is accepted and ignored: this fallback always writes through the
+  page cache (O_DIRECT needs aligned memory, which Python cannot hand to
+  ``os.write`` without an extra copy), so the ``direct`` property is always
+  False, as the extension reports when the filesystem refuses O_DIRECT.
 * ``set_failpoint(op, nth, errno)`` / ``clear_failpoints()``: test-only fault
   injection, process-wide, with the extension's semantics.
 
@@ -211,7 +215,8 @@ class AtomicFile:
     )
 
     def __init__(self, directory: str | os.PathLike[str], final_name: str,
-                 *, sync: bool = True) -> None:
+                 *, sync: bool = True, direct: bool = False) -> None:
+        # `direct` is ignored on purpose; see the module docstring.
         self._state = _ABORTED  # nothing for __del__ to remove yet
         self._fd = -1
         self._lock = threading.Lock()
@@ -258,6 +263,10 @@ class AtomicFile:
     @property
     def bytes_written(self) -> int:
         return self._bytes_written
+
+    @property
+    def direct(self) -> bool:
+        return False
 
     @property
     def closed(self) -> bool:

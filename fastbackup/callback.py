@@ -205,6 +205,15 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._snapshotter = Snapshotter(self.model)
             self._snapshotter_model = self.model
         self._snapshotter.refresh()
+        if isinstance(self.save_freq, int) and self.save_freq is not False:
+            # Batch-level saves must find their buffers ready rather than
+            # fault them in mid-training (epoch-end saves block anyway). The
+            # optimizer is built now, as a restore does, so that its
+            # variables are part of the layout.
+            optimizer = self.model.optimizer
+            if optimizer is not None and not optimizer.built:
+                optimizer.build(self.model.trainable_variables)
+            writer.prepare(self._snapshotter.layout())
         if self.handle_sigterm:
             self._install_sigterm_handler()
 
@@ -254,21 +263,25 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._sigterm_pending = False
             self._preempted = True
             self._deferred = True
-        if self._deferred:
+        writer = self._get_writer()
+        # A preempted run must resume: its backup is kept.
+        delete = self.delete_checkpoint and not self._preempted
+        if delete:
+            # Making durable a checkpoint that is deleted right after would
+            # only keep training waiting.
+            writer.abandon()
+        elif self._deferred:
             # A save fell due while the writer was busy: make it now rather
             # than leave the newest due state unsaved.
             self._save(self._current_epoch, self._last_batch_seen, block=True)
-        self._get_writer().wait_until_finished(raise_errors=False)
+        writer.wait_until_finished(raise_errors=False)
         self._raise_writer_error()
         self._log_summary()
-        # A preempted run must resume: its backup is kept.
-        if (
-            self.delete_checkpoint
-            and not self._preempted
-            and os.path.exists(self.backup_dir)
-        ):
+        if delete and os.path.exists(self.backup_dir):
             storage.remove_backup_dir(self.backup_dir)
         storage.release_lock(self.backup_dir, self)
+        # The state's host copy is memory the user gets back after `fit`.
+        writer.release_buffers()
         if late_sigterm and callable(previous_sigterm):
             previous_sigterm(signal.SIGTERM, None)
 
@@ -282,6 +295,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 keep=2 if self.double_checkpoint else 1,
                 sync=self.config.fsync,
                 buffers=1 + self.config.pending_snapshots,
+                direct=self.config.direct_io,
             )
         return self._writer
 

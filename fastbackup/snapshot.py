@@ -24,6 +24,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from fastbackup.format import dtype_from_name
+
 # Variable groups, in the order they are stored. The group and the index in
 # it identify a variable across two instances of the same architecture;
 # Keras's variable paths embed auto-generated layer names ("dense_3") that
@@ -75,6 +77,22 @@ class HostSnapshot:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
+
+    @classmethod
+    def allocate(cls, specs: list[TensorSpec]) -> HostSnapshot:
+        """Allocates buffers for `specs` and faults every page in.
+
+        One byte written per page is enough for the kernel to back it; numpy
+        releases the GIL for the strided write, so this can run on the
+        writer thread while training goes on.
+        """
+        arrays = []
+        for spec in specs:
+            array = np.empty(spec.shape, dtype=spec.dtype)
+            if array.size:
+                array.reshape(-1).view(np.uint8)[::4096] = 0
+            arrays.append(array)
+        return cls(specs=list(specs), arrays=arrays)
 
 
 def collect_variables(model: keras.Model) -> list[tuple[str, Any]]:
@@ -169,9 +187,32 @@ class Snapshotter:
 
     def variables(self) -> list[tuple[str, Any]]:
         """Returns the `(name, variable)` pairs this snapshotter copies."""
-        if self._variables is None:
-            self._variables = collect_variables(self._model)
-        return self._variables
+        if self._variables is not None:
+            return self._variables
+        variables = collect_variables(self._model)
+        # Backends create optimizer and compiled-metric variables in the
+        # first train step; the list is final only once both exist.
+        optimizer = getattr(self._model, "optimizer", None)
+        metrics = getattr(self._model, "_compile_metrics", None)
+        if (optimizer is None or getattr(optimizer, "built", True)) and (
+            metrics is None or metrics.built
+        ):
+            self._variables = variables
+        return variables
+
+    def layout(self) -> list[TensorSpec]:
+        """The specs a snapshot will have, read without copying any value."""
+        return [
+            TensorSpec(
+                name=name,
+                path=str(getattr(variable, "path", name)),
+                dtype=dtype_from_name(
+                    keras.backend.standardize_dtype(variable.dtype)
+                ),
+                shape=tuple(int(d) for d in variable.shape),
+            )
+            for name, variable in self.variables()
+        ]
 
     def _sync_backend_state(self) -> None:
         # The JAX trainer keeps the live state outside the Keras variables
@@ -196,13 +237,13 @@ class Snapshotter:
         """
         self._sync_backend_state()
         variables = self.variables()
-        if into is not None and len(into.arrays) == len(variables):
-            old: list[np.ndarray | None] = list(into.arrays)
-        else:
-            old = [None] * len(variables)
+        old = (
+            {s.name: a for s, a in zip(into.specs, into.arrays)} if into else {}
+        )
         specs: list[TensorSpec] = []
         arrays: list[np.ndarray] = []
-        for (name, variable), buf in zip(variables, old):
+        for name, variable in variables:
+            buf = old.get(name)
             view = self._read(variable)
             if buf is None or buf.shape != view.shape or buf.dtype != view.dtype:
                 buf = np.empty(view.shape, dtype=view.dtype)

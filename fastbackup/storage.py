@@ -90,8 +90,34 @@ def remove_temp_files(directory: str) -> list[str]:
     return removed
 
 
+class WriteCancelled(Exception):
+    """A commit was abandoned on request; its temporary file is removed."""
+
+
+# Segments are handed to the native writer in groups of about this size, so
+# that a cancellation is seen within a fraction of a second.
+_GROUP_BYTES = 64 << 20
+
+
+def _groups(segments: list[Any]) -> list[list[Any]]:
+    groups: list[list[Any]] = [[]]
+    size = 0
+    for segment in segments:
+        if groups[-1] and size + len(segment) > _GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(segment)
+        size += len(segment)
+    return groups
+
+
 def commit(
-    directory: str, step: int, encoded: EncodedCheckpoint, sync: bool
+    directory: str,
+    step: int,
+    encoded: EncodedCheckpoint,
+    sync: bool,
+    cancel: threading.Event | None = None,
+    direct: bool = False,
 ) -> CommitResult:
     """Writes one checkpoint durably and atomically.
 
@@ -100,15 +126,35 @@ def commit(
     native extension fsyncs, renames and fsyncs the directory, all with the
     GIL released.
 
+    Args:
+        directory: the backup directory.
+        step: the checkpoint's sequence number.
+        encoded: the checkpoint to write.
+        sync: fsync the file and the directory.
+        cancel: when set, the commit stops at the next group of segments,
+            removes its temporary file and raises `WriteCancelled`.
+        direct: write with O_DIRECT through the extension's aligned
+            bounce buffer, bypassing the page cache: the kernel's copy into
+            the page cache costs the writing thread about 1 s of CPU per GB,
+            taken from training; the bounce copy costs about 0.2 s. Falls
+            back to buffered I/O where the filesystem refuses O_DIRECT.
+
     Raises:
         OSError: with errno and file name; no temporary file is left behind
             and any previous checkpoint is untouched.
+        WriteCancelled: `cancel` was set before the rename.
     """
     name = checkpoint_name(step)
     start = time.perf_counter()
-    with native.AtomicFile(directory, name, sync=sync) as f:
-        crcs = f.write(encoded.segments)
+    with native.AtomicFile(directory, name, sync=sync, direct=direct) as f:
+        crcs: list[int] = []
+        for group in _groups(encoded.segments):
+            if cancel is not None and cancel.is_set():
+                raise WriteCancelled(name)
+            crcs.extend(f.write(group))
         f.write([encoded.trailer(crcs)], checksum=False)
+        if cancel is not None and cancel.is_set():
+            raise WriteCancelled(name)
         nbytes = f.bytes_written
         f.commit()
     return CommitResult(

@@ -23,16 +23,23 @@ import dataclasses
 import logging
 import statistics
 import threading
+import time
 import weakref
 
 from fastbackup import format as fmt
 from fastbackup import storage
 from fastbackup.errors import BackupWriteError
-from fastbackup.snapshot import HostSnapshot
+from fastbackup.snapshot import HostSnapshot, TensorSpec
 
 log = logging.getLogger("fastbackup")
 
-_FREE, _FILLING, _QUEUED, _WRITING = "free", "filling", "queued", "writing"
+# A slot is FREE (buffers idle, or not allocated yet), FILLING (the training
+# thread copies into it), QUEUED (waits to be written), PREPARING (waits for
+# the writer thread to allocate and fault in its buffers) or BUSY (the writer
+# thread works on it).
+_FREE, _FILLING, _QUEUED, _PREPARING, _BUSY = (
+    "free", "filling", "queued", "preparing", "busy",
+)
 
 
 @dataclasses.dataclass
@@ -45,7 +52,8 @@ class WriterStats:
             was busy.
         bytes_written: bytes written to checkpoint files.
         raw_bytes: uncompressed state bytes of those checkpoints.
-        write_seconds: duration of each durable write (encode + commit).
+        write_seconds: duration of each durable write (encode + commit +
+            pruning of older checkpoints).
         last_durable: `(step, epoch, batch)` of the newest durable checkpoint.
     """
 
@@ -73,12 +81,13 @@ class WriterStats:
 class Slot:
     """A reusable host buffer and its state in the pool."""
 
-    __slots__ = ("index", "snapshot", "state")
+    __slots__ = ("index", "snapshot", "state", "specs")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.snapshot: HostSnapshot | None = None
         self.state = _FREE
+        self.specs: list[TensorSpec] | None = None
 
 
 class BackgroundWriter:
@@ -90,6 +99,7 @@ class BackgroundWriter:
         keep: checkpoints to keep (2 with `double_checkpoint`).
         sync: fsync file and directory (off only for tmpfs benchmarks).
         buffers: size of the host-buffer pool (1 or 2).
+        direct: write with O_DIRECT, bypassing the page cache.
     """
 
     def __init__(
@@ -99,17 +109,20 @@ class BackgroundWriter:
         keep: int,
         sync: bool = True,
         buffers: int = 1,
+        direct: bool = False,
     ) -> None:
         self.directory = directory
         self.policy = policy
         self.keep = keep
         self.sync = sync
+        self.direct = direct
         self.stats = WriterStats()
         self.next_step = 0
         self._slots = [Slot(i) for i in range(buffers)]
         self._queue: collections.deque[Slot] = collections.deque()
         self._cond = threading.Condition()
         self._error: BaseException | None = None
+        self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
         _live_writers.add(self)
@@ -117,10 +130,12 @@ class BackgroundWriter:
     # Training-thread side -------------------------------------------------
 
     def checkout(self, block: bool) -> Slot | None:
-        """Takes a buffer to fill: a free one, else the pending one.
+        """Takes a buffer to fill.
 
         Args:
-            block: wait for the writer when every buffer is being written.
+            block: wait until a buffer is free; every submitted snapshot is
+                then written. Otherwise a snapshot still waiting in the
+                queue is taken back and replaced by the newer state.
 
         Returns:
             The slot, or `None` when busy and `block` is false.
@@ -131,17 +146,44 @@ class BackgroundWriter:
                     if slot.state == _FREE:
                         slot.state = _FILLING
                         return slot
-                if self._queue:
-                    # The newest state replaces a snapshot still waiting.
-                    slot = self._queue.pop()
-                    slot.state = _FILLING
-                    self.stats.coalesced += 1
-                    log.debug("coalesced a pending snapshot (%d so far)",
-                              self.stats.coalesced)
-                    return slot
-                if not block:
+                if block:
+                    self._cond.wait()
+                    continue
+                waiting = [s for s in self._queue if s.state == _QUEUED]
+                if not waiting:
                     return None
-                self._cond.wait()
+                # The newest state replaces a snapshot still waiting.
+                slot = waiting[-1]
+                self._queue.remove(slot)
+                slot.state = _FILLING
+                self.stats.coalesced += 1
+                log.debug("coalesced a pending snapshot (%d so far)",
+                          self.stats.coalesced)
+                return slot
+
+    def prepare(self, specs: list[TensorSpec]) -> None:
+        """Allocates the host buffers on the writer thread, ahead of need.
+
+        Fresh memory is slow to fault in (0.5 GB/s on this class of VM, so
+        seconds for a large model): done on the training thread it would
+        stall the first save; done here it overlaps with training. A save
+        due before it finishes is coalesced (or waits, when blocking).
+
+        Args:
+            specs: the layout of the state, as the snapshotter will copy it.
+        """
+        with self._cond:
+            for slot in self._slots:
+                fits = slot.snapshot is not None and [
+                    (s.shape, s.dtype) for s in slot.snapshot.specs
+                ] == [(s.shape, s.dtype) for s in specs]
+                if slot.state == _FREE and not fits:
+                    slot.snapshot = None
+                    slot.specs = specs
+                    slot.state = _PREPARING
+                    self._queue.appendleft(slot)
+            self._start_thread()
+            self._cond.notify_all()
 
     def cancel(self, slot: Slot) -> None:
         """Returns a checked-out slot unused (its snapshot failed)."""
@@ -155,18 +197,52 @@ class BackgroundWriter:
             slot.snapshot = snapshot
             slot.state = _QUEUED
             self._queue.appendleft(slot)
-            if self._thread is None or not self._thread.is_alive():
-                self._stopping = False
-                self._thread = threading.Thread(
-                    target=self._run, name="fastbackup-writer", daemon=True
-                )
-                self._thread.start()
+            self._start_thread()
             self._cond.notify_all()
+
+    def _start_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(
+                target=self._run, name="fastbackup-writer", daemon=True
+            )
+            self._thread.start()
+
+    def _pending(self) -> bool:
+        return any(s.state in (_QUEUED, _PREPARING, _BUSY) for s in self._slots)
 
     def busy(self) -> bool:
         """True while a snapshot is queued or being written."""
         with self._cond:
-            return any(s.state in (_QUEUED, _WRITING) for s in self._slots)
+            return self._pending()
+
+    def abandon(self) -> None:
+        """Drops queued snapshots and aborts the write in flight.
+
+        For a backup that is about to be deleted: waiting for its
+        durability (seconds for a large model) would be wasted. The temporary
+        file of an aborted write is removed; earlier checkpoints are kept.
+        """
+        with self._cond:
+            for slot in list(self._queue):
+                if slot.state == _PREPARING:
+                    slot.specs = None
+                slot.state = _FREE
+            self._queue.clear()
+            self._cancel.set()
+            self._cond.notify_all()
+            while self._pending():
+                self._cond.wait()
+            self._cancel.clear()
+
+    def release_buffers(self) -> None:
+        """Frees the host buffers once idle (they are prepared again later)."""
+        with self._cond:
+            while self._pending():
+                self._cond.wait()
+            for slot in self._slots:
+                if slot.state == _FREE:
+                    slot.snapshot = None
 
     def check_error(self) -> BaseException | None:
         """Pops the writer's stored exception, if any."""
@@ -185,7 +261,7 @@ class BackgroundWriter:
             BackupWriteError: a write failed since the last check.
         """
         with self._cond:
-            while any(s.state in (_QUEUED, _WRITING) for s in self._slots):
+            while self._pending():
                 self._cond.wait()
         if raise_errors:
             error = self.check_error()
@@ -214,13 +290,21 @@ class BackgroundWriter:
                 if not self._queue:
                     return
                 slot = self._queue.pop()
-                slot.state = _WRITING
-                step = self.next_step
-                self.next_step += 1
+                preparing = slot.state == _PREPARING
+                slot.state = _BUSY
+                if not preparing:
+                    step = self.next_step
+                    self.next_step += 1
             try:
-                self._write(slot.snapshot, step)  # type: ignore[arg-type]
+                if preparing:
+                    slot.snapshot = HostSnapshot.allocate(slot.specs or [])
+                    slot.specs = None
+                else:
+                    self._write(slot.snapshot, step)  # type: ignore[arg-type]
+            except storage.WriteCancelled:
+                log.debug("write of step %d abandoned", step)
             except BaseException as e:  # kept for the training thread
-                log.debug("background write of step %d failed: %r", step, e)
+                log.debug("background work failed: %r", e)
                 with self._cond:
                     self._error = e
             finally:
@@ -229,8 +313,12 @@ class BackgroundWriter:
                     self._cond.notify_all()
 
     def _write(self, snapshot: HostSnapshot, step: int) -> None:
+        start = time.perf_counter()
         encoded = fmt.encode(snapshot, self.policy, step)
-        result = storage.commit(self.directory, step, encoded, self.sync)
+        result = storage.commit(
+            self.directory, step, encoded, self.sync, cancel=self._cancel,
+            direct=self.direct,
+        )
         # Older checkpoints go only once the new one is durable.
         storage.prune(self.directory, self.keep)
         self.policy.observe_write(result.nbytes, result.seconds)
@@ -239,7 +327,7 @@ class BackgroundWriter:
             s.saves += 1
             s.bytes_written += result.nbytes
             s.raw_bytes += snapshot.nbytes
-            s.write_seconds.append(result.seconds)
+            s.write_seconds.append(time.perf_counter() - start)
             s.last_durable = (step, snapshot.epoch, snapshot.batch)
         log.debug("checkpoint %s durable: %d bytes in %.3f s", result.path,
                   result.nbytes, result.seconds)

@@ -154,8 +154,8 @@ class _SlowAtomicFile:
     """The real native AtomicFile, one buffer per write() call, with a pause
     between buffers: the temporary file stays half written for longer."""
 
-    def __init__(self, real, directory, name, sync=True):
-        self._f = real.AtomicFile(directory, name, sync=sync)
+    def __init__(self, real, directory, name, sync=True, direct=False):
+        self._f = real.AtomicFile(directory, name, sync=sync, direct=direct)
 
     def __enter__(self):
         return self
@@ -186,7 +186,8 @@ def _apply_write_mode(mode: str) -> None:
     if mode == "slow":
         real = native
         storage.native = types.SimpleNamespace(
-            AtomicFile=lambda d, n, sync=True: _SlowAtomicFile(real, d, n, sync)
+            AtomicFile=lambda d, n, sync=True, direct=False: _SlowAtomicFile(
+                real, d, n, sync, direct)
         )
 
 

@@ -340,7 +340,7 @@ def test_snapshot_is_isolated_from_training_that_goes_on(tmp_path, monkeypatch):
 
 
 def test_writer_error_is_raised_on_training_thread(tmp_path, monkeypatch):
-    def failing_commit(directory, step, encoded, sync):
+    def failing_commit(directory, step, encoded, sync, **kwargs):
         raise OSError(28, "No space left on device", directory)
 
     monkeypatch.setattr(storage, "commit", failing_commit)
@@ -353,7 +353,7 @@ def test_writer_error_is_raised_on_training_thread(tmp_path, monkeypatch):
 
 
 def test_writer_error_reaches_wait_until_finished(tmp_path, monkeypatch):
-    def failing_commit(directory, step, encoded, sync):
+    def failing_commit(directory, step, encoded, sync, **kwargs):
         raise OSError(5, "Input/output error", directory)
 
     monkeypatch.setattr(storage, "commit", failing_commit)
@@ -369,7 +369,7 @@ def test_writer_error_reaches_wait_until_finished(tmp_path, monkeypatch):
 
 
 def test_writer_error_can_be_a_warning(tmp_path, monkeypatch, caplog):
-    def failing_commit(directory, step, encoded, sync):
+    def failing_commit(directory, step, encoded, sync, **kwargs):
         raise OSError(28, "No space left on device", directory)
 
     monkeypatch.setattr(storage, "commit", failing_commit)

@@ -571,3 +571,292 @@ def test_write_over_2gib(impl, tmp_path, checksum):
     assert crc_back == native.crc32c(data)
     if checksum:
         assert crcs == [crc_back]
+
+
+# --- AtomicFile: direct mode (O_DIRECT through a bounce buffer) ----------------
+
+MiB = 1 << 20
+BOUNCE = 8 * MiB  # native/atomic_file.c BOUNCE_SIZE
+NO_ODIRECT_FS = ("ramfs",)  # refuse O_DIRECT; tmpfs accepts it since Linux 6.6
+
+
+def fs_type(path) -> str:
+    """Filesystem type of the mount holding `path`, from /proc/mounts."""
+    path = os.path.realpath(path)
+    best, kind = "", "unknown"
+    with open("/proc/mounts") as fh:
+        for line in fh:
+            mnt, typ = line.split()[1:3]
+            mnt = mnt.replace("\\040", " ")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) \
+                    and len(mnt) > len(best):
+                best, kind = mnt, typ
+    return kind
+
+
+def odirect_flag(path: str) -> bool:
+    """Whether this process has `path` open with O_DIRECT (from fdinfo)."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != path:
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as fh:
+                for line in fh:
+                    if line.startswith("flags:"):
+                        return bool(int(line.split()[1], 8) & os.O_DIRECT)
+        except OSError:
+            continue
+    raise AssertionError(f"{path} is not open")
+
+
+@pytest.fixture
+def disk_dir(tmp_path):
+    """A directory on a filesystem that takes O_DIRECT (not tmpfs/ramfs)."""
+    if fs_type(tmp_path) not in ("tmpfs", "ramfs"):
+        yield tmp_path
+        return
+    import shutil
+    import tempfile
+    path = pathlib.Path(tempfile.mkdtemp(
+        prefix=".direct-test-", dir=pathlib.Path(__file__).resolve().parents[1]))
+    if fs_type(path) in ("tmpfs", "ramfs"):
+        shutil.rmtree(path)
+        pytest.skip("no disk-backed directory for O_DIRECT")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ramfs_dir(tmp_path):
+    """A filesystem that refuses O_DIRECT, to test the buffered fallback."""
+    import subprocess
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount ramfs: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def rand_chunks(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=n, dtype=np.uint8) for n in sizes]
+
+
+DIRECT_CASES = {
+    "empty": [[]],
+    "zero": [[0]],
+    "one": [[1]],
+    "4095": [[4095]],
+    "4096": [[4096]],
+    "4097": [[4097]],
+    "8MiB-1": [[BOUNCE - 1]],
+    "8MiB": [[BOUNCE]],
+    "8MiB+1": [[BOUNCE + 1]],
+    "odd-buffers": [[1, 4095, 3, BOUNCE + 5, 12345, 0, 3 * 4096 + 1, 7]],
+    # Several write() calls: partial blocks carry over between them.
+    "calls-small": [[1], [4094], [1, 2], [4096], [0], [5000, 3]],
+    "calls-fill": [[BOUNCE - 3], [2], [1], [1, BOUNCE], [4095]],
+    "calls-big": [[3 * BOUNCE + 17, 5], [BOUNCE - 22], [4096 * 5 + 9]],
+}
+
+
+@pytest.mark.parametrize("calls", list(DIRECT_CASES.values()),
+                         ids=list(DIRECT_CASES))
+def test_direct_same_as_buffered(native, disk_dir, calls):
+    data = [rand_chunks(sizes, seed=i) for i, sizes in enumerate(calls)]
+    results = {}
+    for direct in (False, True):
+        name = f"d{int(direct)}"
+        f = native.AtomicFile(disk_dir, name, direct=direct)
+        assert f.direct is direct
+        crcs = [f.write(chunks) for chunks in data]
+        assert f.bytes_written == sum(c.size for chunks in data for c in chunks)
+        f.commit()
+        results[direct] = (crcs, (disk_dir / name).read_bytes())
+    expected = b"".join(c.tobytes() for chunks in data for c in chunks)
+    assert results[True][1] == expected
+    assert results[True] == results[False]
+    assert results[True][0] == [[native.crc32c(c) for c in chunks]
+                                for chunks in data]
+    assert files_in(disk_dir) == ["d0", "d1"]
+
+
+def test_direct_checksum_false(native, disk_dir):
+    chunks = rand_chunks([BOUNCE + 3, 10])
+    with native.AtomicFile(disk_dir, "x", direct=True) as f:
+        assert f.write(chunks, checksum=False) == []
+        f.commit()
+    assert (disk_dir / "x").read_bytes() == b"".join(c.tobytes() for c in chunks)
+
+
+def test_direct_uses_odirect_then_clears_it_for_tail(native, disk_dir):
+    f = native.AtomicFile(disk_dir, "x", direct=True)
+    assert f.direct and odirect_flag(f.temp_path)
+    f.write(rand_chunks([BOUNCE + 4097]))
+    # The full bounce buffer went out with O_DIRECT; 4097 bytes wait in memory.
+    assert os.path.getsize(f.temp_path) == BOUNCE
+    assert f.bytes_written == BOUNCE + 4097
+    assert odirect_flag(f.temp_path)
+    f.commit()
+    assert f.direct  # what the file was opened with, not the tail's state
+    assert os.path.getsize(disk_dir / "x") == BOUNCE + 4097
+
+
+def test_direct_flag_on_both_impls(impl, disk_dir):
+    # The pure-Python twin accepts direct=True and writes buffered.
+    with impl.AtomicFile(disk_dir, "x", direct=True) as f:
+        expected = impl.__name__.endswith("_native") \
+            and fs_type(disk_dir) not in NO_ODIRECT_FS
+        assert f.direct is expected
+        assert f.write([b"abc", b"de"]) == [impl.crc32c(b"abc"), impl.crc32c(b"de")]
+        f.commit()
+    assert (disk_dir / "x").read_bytes() == b"abcde"
+    with impl.AtomicFile(disk_dir, "y") as f:
+        assert f.direct is False
+        f.commit()
+
+
+def test_direct_on_tmpfs(native):
+    # tmpfs refused O_DIRECT before Linux 6.6 and takes it since; either way
+    # the content must be right and `direct` must say what is in use.
+    if not os.path.isdir("/dev/shm") or fs_type("/dev/shm") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm")
+    import shutil
+    import tempfile
+    d = pathlib.Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        chunks = rand_chunks([BOUNCE + 4097, 1, 4095])
+        with native.AtomicFile(d, "x", direct=True) as f:
+            assert f.direct is odirect_flag(f.temp_path)
+            crcs = f.write(chunks)
+            f.commit()
+        assert crcs == [native.crc32c(c) for c in chunks]
+        assert (d / "x").read_bytes() == b"".join(c.tobytes() for c in chunks)
+        assert files_in(d) == ["x"]
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_direct_falls_back_where_refused(impl, ramfs_dir):
+    chunks = rand_chunks([BOUNCE + 4097, 1] if impl.__name__.endswith("_native")
+                         else [5000, 1])
+    with impl.AtomicFile(ramfs_dir, "x", direct=True) as f:
+        assert f.direct is False
+        assert not odirect_flag(f.temp_path)
+        # No stray file from a refused O_DIRECT open.
+        assert files_in(ramfs_dir) == [os.path.basename(f.temp_path)]
+        crcs = f.write(chunks)
+        f.commit()
+    assert crcs == [impl.crc32c(c) for c in chunks]
+    assert (ramfs_dir / "x").read_bytes() == b"".join(c.tobytes() for c in chunks)
+    assert files_in(ramfs_dir) == ["x"]
+
+
+def test_direct_abort_and_dealloc_with_pending_bytes(native, disk_dir):
+    f = native.AtomicFile(disk_dir, "x", direct=True)
+    f.write(rand_chunks([BOUNCE + 10]))
+    f.abort()
+    assert f.closed and files_in(disk_dir) == []
+    f = native.AtomicFile(disk_dir, "y", direct=True)
+    f.write([b"pending"])
+    del f
+    gc.collect()
+    assert files_in(disk_dir) == []
+
+
+# Failpoints in direct mode. The write(2) calls happen when the bounce buffer
+# fills and at commit(), so a write error surfaces in either.
+
+@pytest.mark.parametrize("size,fails_in", [(100, "commit"), (BOUNCE, "write"),
+                                           (BOUNCE + 100, "write")])
+def test_direct_write_enospc(native, disk_dir, size, fails_in):
+    (disk_dir / "ckpt").write_bytes(b"previous checkpoint")
+    f = native.AtomicFile(disk_dir, "ckpt", direct=True)
+    native.set_failpoint("write", 1, errno.ENOSPC)
+    with pytest.raises(OSError) as info:
+        f.write(rand_chunks([size]))
+        assert fails_in == "commit"
+        f.commit()
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == f.temp_path
+    assert files_in(disk_dir) == ["ckpt"]
+    assert (disk_dir / "ckpt").read_bytes() == b"previous checkpoint"
+    assert f.closed and not f.committed
+    with pytest.raises(ValueError, match="AtomicFile is closed"):
+        f.write([b"again"])
+    f.abort()
+
+
+def test_direct_tail_write_fails_after_aligned_part(native, disk_dir):
+    # commit() writes 8192 bytes with O_DIRECT, then the 5-byte tail fails.
+    (disk_dir / "ckpt").write_bytes(b"previous")
+    f = native.AtomicFile(disk_dir, "ckpt", direct=True)
+    f.write(rand_chunks([8192 + 5]))
+    native.set_failpoint("write", 2, errno.EIO)
+    with pytest.raises(OSError) as info:
+        f.commit()
+    assert info.value.errno == errno.EIO
+    assert files_in(disk_dir) == ["ckpt"]
+    assert (disk_dir / "ckpt").read_bytes() == b"previous"
+
+
+def test_direct_fsync_eio(native, disk_dir):
+    (disk_dir / "ckpt").write_bytes(b"previous")
+    f = native.AtomicFile(disk_dir, "ckpt", direct=True)
+    f.write(rand_chunks([BOUNCE + 4097]))
+    native.set_failpoint("fsync", 1, errno.EIO)
+    with pytest.raises(OSError) as info:
+        f.commit()
+    assert info.value.errno == errno.EIO
+    assert info.value.filename == f.temp_path
+    assert files_in(disk_dir) == ["ckpt"]
+    assert (disk_dir / "ckpt").read_bytes() == b"previous"
+    assert f.closed and not f.committed
+    with pytest.raises(ValueError, match="AtomicFile is closed"):
+        f.commit()
+
+
+def test_direct_write_eintr_is_retried(native, disk_dir):
+    native.set_failpoint("write", 1, errno.EINTR)
+    chunks = rand_chunks([BOUNCE + 3])
+    write_file(native, disk_dir, "x", chunks, direct=True)
+    assert (disk_dir / "x").read_bytes() == chunks[0].tobytes()
+
+
+@pytest.mark.parametrize("cap", [1, 7, 4095, 4096, 5000, 3 * 4096 + 1,
+                                 BOUNCE - 1])
+def test_direct_short_writes_keep_exact_content(native, disk_dir, cap):
+    sizes = (1, 6, 5000, BOUNCE - 4000, 0, 3, BOUNCE + 4099) if cap > 100 \
+        else (1, 6, 5000, 3, 40_000)  # 1-byte writes of 16 MiB take too long
+    chunks = rand_chunks(sizes, seed=cap)
+    (disk_dir / "x").write_bytes(b"previous")
+    native.set_failpoint("short_write", cap, 0)
+    with native.AtomicFile(disk_dir, "x", direct=True) as f:
+        crcs = f.write(chunks[:3])
+        crcs += f.write(chunks[3:])
+        # A cap under one block forces the rest of the file to go buffered.
+        assert odirect_flag(f.temp_path) is (cap >= 4096 or sum(sizes) < BOUNCE)
+        f.commit()
+    assert (disk_dir / "x").read_bytes() == b"".join(c.tobytes() for c in chunks)
+    assert crcs == [native.crc32c(c) for c in chunks]
+    assert files_in(disk_dir) == ["x"]
+
+
+def test_direct_short_write_then_failure(native, disk_dir):
+    # 4096-byte writes; the 3rd of the first bounce flush fails.
+    (disk_dir / "ckpt").write_bytes(b"previous")
+    native.set_failpoint("short_write", 4096, 0)
+    native.set_failpoint("write", 3, errno.EIO)
+    with pytest.raises(OSError) as info:
+        with native.AtomicFile(disk_dir, "ckpt", direct=True) as f:
+            f.write(rand_chunks([BOUNCE + 1]))
+    assert info.value.errno == errno.EIO
+    assert files_in(disk_dir) == ["ckpt"]
+    assert (disk_dir / "ckpt").read_bytes() == b"previous"

@@ -51,7 +51,7 @@ class Gate:
         self.steps: list[int] = []
         monkeypatch.setattr(storage, "commit", self.commit)
 
-    def commit(self, directory, step, encoded, sync):
+    def commit(self, directory, step, encoded, sync, **kwargs):
         self.threads.append(threading.current_thread())
         self.steps.append(step)
         self.entered.release()
@@ -206,23 +206,30 @@ def test_one_thread_serves_successive_writes(tmp_path, writers, gate):
     assert len(set(gate.threads)) == 1 and gate.steps == [0, 1, 2]
 
 
-def test_blocking_checkout_still_coalesces_a_queued_snapshot(tmp_path, writers,
-                                                             gate):
-    w = writers(tmp_path)
+def test_blocking_checkout_never_replaces_a_queued_snapshot(tmp_path, writers,
+                                                            gate):
+    w = writers(tmp_path, keep=2)
     slot = w.checkout(block=True)
     # Holding the writer's (reentrant) lock keeps its thread from taking
-    # the queued snapshot before the second checkout.
+    # the queued snapshot before the second checkout starts waiting.
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(w.checkout(block=True)))
     with w._cond:
         w.submit(slot, make_snapshot(1.0, batch=1))
-        again = w.checkout(block=True)
-    assert again is slot and w.stats.coalesced == 1
-    w.submit(again, make_snapshot(2.0, batch=2))
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive() and got == []
+    # The queued snapshot is written first; only then is its buffer free.
     gate.release.set()
+    waiter.join(30)
+    assert got == [slot] and w.stats.coalesced == 0
+    w.submit(slot, make_snapshot(2.0, batch=2))
     w.wait_until_finished()
-    [(step, path)] = storage.list_checkpoints(str(tmp_path))
-    assert gate.steps == [0]
-    position, values = read_back(path)
-    assert position == (0, 0, 2) and (values == 2.0).all()
+    assert gate.steps == [0, 1]
+    (_, newest), (_, first) = storage.list_checkpoints(str(tmp_path))
+    assert read_back(first)[0] == (0, 0, 1)
+    position, values = read_back(newest)
+    assert position == (1, 0, 2) and (values == 2.0).all()
 
 
 def test_wait_until_finished_blocks_until_durable(tmp_path, writers, gate):
@@ -299,7 +306,7 @@ def test_keep_two_keeps_the_previous_checkpoint(tmp_path, writers):
 def fail_commit(monkeypatch, exc):
     calls = []
 
-    def commit(directory, step, encoded, sync):
+    def commit(directory, step, encoded, sync, **kwargs):
         calls.append(step)
         raise exc
 
