@@ -347,7 +347,7 @@ class CheckpointReader:
         self.file_size = os.fstat(self._file.fileno()).st_size
         if self.file_size < PREFIX_SIZE + FOOTER_SIZE:
             raise _corrupt(path, f"file is too short ({self.file_size} bytes)")
-        magic, version, _flags = _PREFIX.unpack(self._read_exact(0, PREFIX_SIZE))
+        magic, version, flags = _PREFIX.unpack(self._read_exact(0, PREFIX_SIZE))
         if magic != MAGIC:
             raise _corrupt(path, "not a fastbackup checkpoint (bad magic)")
         if version != VERSION:
@@ -356,14 +356,20 @@ class CheckpointReader:
                 f"format version {version} is not supported (this fastbackup "
                 f"reads version {VERSION}); upgrade fastbackup",
             )
+        # Version 1 defines no flags: one set by a newer writer could change
+        # the meaning of what follows, so it is refused, not ignored.
+        if flags != 0:
+            raise _corrupt(path, f"unknown format flags {flags:#x}")
         footer = self._read_exact(self.file_size - FOOTER_SIZE, FOOTER_SIZE)
-        h_off, h_len, h_crc, f_version, f_crc, _, f_magic = _FOOTER.unpack(
-            footer
+        h_off, h_len, h_crc, f_version, f_crc, reserved, f_magic = (
+            _FOOTER.unpack(footer)
         )
         if f_magic != FOOTER_MAGIC:
             raise _corrupt(path, "footer missing: the file is truncated")
         if native.crc32c(footer[:24]) != f_crc or f_version != VERSION:
             raise _corrupt(path, "footer checksum mismatch")
+        if reserved != 0:
+            raise _corrupt(path, "footer reserved field is not zero")
         if (
             h_off < PREFIX_SIZE
             or h_len > MAX_HEADER_BYTES

@@ -15,7 +15,7 @@ import numpy as np
 
 from fastbackup import storage
 from fastbackup.errors import CheckpointCorruptError, CheckpointMismatchError
-from fastbackup.format import CheckpointReader, dtype_from_name
+from fastbackup.format import CheckpointReader, TensorEntry, dtype_from_name
 from fastbackup.snapshot import collect_variables
 
 log = logging.getLogger("fastbackup")
@@ -25,19 +25,20 @@ def _host_dtype(variable: Any) -> np.dtype:
     return dtype_from_name(keras.backend.standardize_dtype(variable.dtype))
 
 
-def read_state(reader: CheckpointReader, model: keras.Model) -> list[tuple[Any, np.ndarray]]:
-    """Reads and verifies every tensor of `reader` for `model`.
+def match_state(
+    reader: CheckpointReader, model: keras.Model
+) -> list[tuple[Any, TensorEntry]]:
+    """Pairs every model variable with its tensor in `reader`.
 
     Args:
-        reader: an opened checkpoint.
+        reader: an opened checkpoint (header verified).
         model: the model the state is for; its optimizer must be built.
 
     Returns:
-        `(variable, value)` pairs covering every variable of the model.
+        `(variable, entry)` pairs covering every variable of the model.
 
     Raises:
         CheckpointMismatchError: naming the first variable that differs.
-        CheckpointCorruptError: a tensor fails its checksum.
     """
     variables = collect_variables(model)
     entries = {e.name: e for e in reader.entries}
@@ -83,9 +84,29 @@ def read_state(reader: CheckpointReader, model: keras.Model) -> list[tuple[Any, 
             f"variable {e.name} ({e.path}) that the model does not have "
             f"(checkpoint: {len(entries)} variables, model: {len(variables)})."
         )
+    return [(variable, entries[name]) for name, variable in variables]
+
+
+def read_state(
+    reader: CheckpointReader, model: keras.Model
+) -> list[tuple[Any, np.ndarray]]:
+    """Reads and verifies every tensor of `reader` for `model`.
+
+    Holds the whole state in memory; `restore_latest` streams instead.
+
+    Args:
+        reader: an opened checkpoint.
+        model: the model the state is for; its optimizer must be built.
+
+    Returns:
+        `(variable, value)` pairs covering every variable of the model.
+
+    Raises:
+        CheckpointMismatchError: naming the first variable that differs.
+        CheckpointCorruptError: a tensor fails its checksum.
+    """
     values = []
-    for name, variable in variables:
-        entry = entries[name]
+    for variable, entry in match_state(reader, model):
         out = np.empty(entry.shape, dtype=entry.np_dtype)
         reader.read_tensor(entry, out)
         values.append((variable, out))
@@ -119,13 +140,21 @@ def restore_latest(
     for _, path in candidates:
         try:
             with CheckpointReader(path) as reader:
-                values = read_state(reader, model)
+                plan = match_state(reader, model)
+                # Every checksum is verified, in bounded memory, before the
+                # model is touched; then tensors are read and assigned one
+                # at a time, so a restore needs one tensor of extra memory,
+                # not a second copy of the state.
+                reader.verify()
+                for variable, entry in plan:
+                    value = np.empty(entry.shape, dtype=entry.np_dtype)
+                    reader.read_tensor(entry, value)
+                    variable.assign(value)
+                    del value
         except CheckpointCorruptError as e:
             log.warning("%s", e)
             first_error = first_error or e
             continue
-        for variable, value in values:
-            variable.assign(value)
         if first_error is not None:
             log.warning(
                 "restored the previous checkpoint %s (step %d, epoch %d) "
