@@ -8,6 +8,7 @@ import signal
 import statistics
 import threading
 import time
+import weakref
 from typing import Any
 
 import keras
@@ -280,8 +281,6 @@ class BackupAndRestore(keras.callbacks.Callback):
         if delete and os.path.exists(self.backup_dir):
             storage.remove_backup_dir(self.backup_dir)
         storage.release_lock(self.backup_dir, self)
-        # The state's host copy is memory the user gets back after `fit`.
-        writer.release_buffers()
         if late_sigterm and callable(previous_sigterm):
             previous_sigterm(signal.SIGTERM, None)
 
@@ -297,6 +296,10 @@ class BackupAndRestore(keras.callbacks.Callback):
                 buffers=1 + self.config.pending_snapshots,
                 direct=self.config.direct_io,
             )
+            # The host buffers live as long as the callback, so that a
+            # second `fit` does not fault 1x the state in again; they are
+            # freed (pending writes first) when the callback is collected.
+            weakref.finalize(self, self._writer.close)
         return self._writer
 
     def _raise_writer_error(self) -> None:

@@ -235,15 +235,6 @@ class BackgroundWriter:
                 self._cond.wait()
             self._cancel.clear()
 
-    def release_buffers(self) -> None:
-        """Frees the host buffers once idle (they are prepared again later)."""
-        with self._cond:
-            while self._pending():
-                self._cond.wait()
-            for slot in self._slots:
-                if slot.state == _FREE:
-                    slot.snapshot = None
-
     def check_error(self) -> BaseException | None:
         """Pops the writer's stored exception, if any."""
         with self._cond:
