@@ -110,13 +110,11 @@ def state_arrays(model: keras.Model) -> list[np.ndarray]:
     (TensorFlow copies a variable before updating it in place while another
     tensor still references its buffer).
     """
-    from fastbackup.snapshot import collect_variables
+    from fastbackup.snapshot import _backend_reader, collect_variables
 
-    if keras.backend.backend() == "tensorflow":
-        return [
-            np.asarray(v.value.read_value()) for _, v in collect_variables(model)
-        ]
-    return [np.asarray(v.value) for _, v in collect_variables(model)]
+    # The same zero-copy reads the snapshot uses, per backend.
+    read = _backend_reader()
+    return [read(v) for _, v in collect_variables(model)]
 
 
 def state_nbytes(model: keras.Model) -> int:

@@ -464,3 +464,18 @@ def test_second_callback_on_same_dir_in_another_thread_is_refused(tmp_path):
     t.join()
     assert len(errors) == 1 and str(tmp_path) in str(errors[0])
     first.on_train_end()
+
+
+def test_summary_line_only_when_verbose(tmp_path, capsys):
+    x, y = make_data()
+    model = make_model()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
+        fastbackup.BackupAndRestore(tmp_path / "quiet")])
+    assert "fastbackup:" not in capsys.readouterr().out
+    cb = fastbackup.BackupAndRestore(tmp_path / "loud", delete_checkpoint=False)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=2, callbacks=[cb])
+    [line] = [l for l in capsys.readouterr().out.splitlines()
+              if l.startswith("fastbackup:")]
+    assert line.startswith("fastbackup: 2 saves, 0 coalesced, ")
+    assert "MB written, median blocking " in line
+    assert line.endswith("ms/save, last durable step 1 (epoch 2, batch 0)")
