@@ -206,12 +206,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._snapshotter = Snapshotter(self.model)
             self._snapshotter_model = self.model
         self._snapshotter.refresh()
-        if self.save_freq is not False:
+        if self.save_freq is not False and self.model.built:
             # Saves must find their buffers ready rather than fault fresh
             # memory in on the training thread (0.5-2 s per GB here). The
             # optimizer is built now, as a restore does, so that its
-            # variables are part of the layout.
-            optimizer = self.model.optimizer
+            # variables are part of the layout. An unbuilt model (built by
+            # its first step) gets its buffers at the first save instead.
+            optimizer = getattr(self.model, "optimizer", None)
             if optimizer is not None and not optimizer.built:
                 optimizer.build(self.model.trainable_variables)
             writer.prepare(self._snapshotter.layout())

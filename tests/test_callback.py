@@ -479,3 +479,26 @@ def test_summary_line_only_when_verbose(tmp_path, capsys):
     assert line.startswith("fastbackup: 2 saves, 0 coalesced, ")
     assert "MB written, median blocking " in line
     assert line.endswith("ms/save, last durable step 1 (epoch 2, batch 0)")
+
+
+@pytest.mark.parametrize("save_freq", ["epoch", 2])
+def test_model_built_by_its_first_step_trains_and_resumes(tmp_path, save_freq):
+    x, y = make_data()
+    model = keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    cb = fastbackup.BackupAndRestore(tmp_path, save_freq=save_freq,
+                                     delete_checkpoint=False)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
+    assert cb.stats.saves >= 1
+    expected = all_state(model)
+    again = keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(1)])
+    again.compile(optimizer="adam", loss="mse")
+    again.build((None, 6))
+    cb2 = fastbackup.BackupAndRestore(tmp_path, save_freq=save_freq,
+                                      delete_checkpoint=False)
+    again.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb2])
+    assert len(expected) >= 4 and cb2.restored_from is not None
+    if save_freq == "epoch":
+        # Restored after the last epoch: nothing left to train.
+        assert_state_equal(all_state(again, metrics=False),
+                           all_state(model, metrics=False))
