@@ -23,6 +23,8 @@ size (or, for decompressed sizes, by the model the state is loaded into).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import mmap
 import os
 import re
 import struct
@@ -38,6 +40,8 @@ from fastbackup.errors import CheckpointCorruptError
 
 if TYPE_CHECKING:
     from fastbackup.snapshot import HostSnapshot
+
+log = logging.getLogger("fastbackup")
 
 MAGIC = b"\x89FBKP\r\n\x1a"
 FOOTER_MAGIC = b"FBKPEND\n"
@@ -320,6 +324,7 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self._file: BinaryIO = open(self.path, "rb")
+        self._map: mmap.mmap | None = None
         try:
             self._parse()
         except BaseException:
@@ -333,6 +338,16 @@ class CheckpointReader:
         self.close()
 
     def close(self) -> None:
+        if self._map is not None:
+            mapping, self._map = self._map, None
+            try:
+                mapping.close()
+            except BufferError:
+                # A view from `verified_view` is still alive (e.g. in the
+                # traceback of an error being raised): the mapping is then
+                # unmapped when the last view is collected.
+                log.debug("checkpoint %s stays mapped until its last view "
+                          "is collected", self.path)
         self._file.close()
 
     def _read_exact(self, offset: int, size: int) -> bytes:
@@ -453,6 +468,35 @@ class CheckpointReader:
         if native.crc32c(stored) != entry.crc32c:
             raise _corrupt(self.path, f"checksum mismatch in tensor {entry.name}")
         _decompress_into(self.path, entry, stored, out)
+
+    def verified_view(self, entry: TensorEntry) -> np.ndarray:
+        """Returns one tensor's value, checksum verified, without a copy.
+
+        A raw tensor is a read-only view of the file, mapped into memory:
+        the file is read once (into the page cache, by the kernel's
+        readahead), and no anonymous memory is allocated for it. Checkpoint
+        files are never modified in place (new ones are renamed in), so the
+        mapping stays valid. A compressed tensor is decoded into a new array.
+        Drop every view before `close()`.
+
+        Raises:
+            CheckpointCorruptError: checksum or size mismatch.
+        """
+        if entry.codec != "raw" or entry.raw_size == 0:
+            out = np.empty(entry.shape, dtype=entry.np_dtype)
+            self.read_tensor(entry, out)
+            return out
+        if self._map is None:
+            self._map = mmap.mmap(
+                self._file.fileno(), 0, access=mmap.ACCESS_READ
+            )
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
+        data = np.frombuffer(
+            self._map, dtype=np.uint8, count=entry.raw_size, offset=entry.offset
+        )
+        if native.crc32c(data) != entry.crc32c:
+            raise _corrupt(self.path, f"checksum mismatch in tensor {entry.name}")
+        return data.view(entry.np_dtype).reshape(entry.shape)
 
     def verify(self) -> None:
         """Verifies every tensor's checksum and decoded size, streaming.

@@ -113,6 +113,14 @@ def read_state(
     return values
 
 
+def _assign(plan: list[tuple[Any, TensorEntry]], values: list[np.ndarray]) -> None:
+    # JAX may alias a host array instead of copying it; the mapped file is
+    # closed after this, so JAX gets its own copy.
+    copy = keras.backend.backend() == "jax"
+    for (variable, _), value in zip(plan, values):
+        variable.assign(np.array(value) if copy else value)
+
+
 def restore_latest(
     directory: str, model: keras.Model, fall_back: bool
 ) -> CheckpointReader | None:
@@ -141,16 +149,12 @@ def restore_latest(
         try:
             with CheckpointReader(path) as reader:
                 plan = match_state(reader, model)
-                # Every checksum is verified, in bounded memory, before the
-                # model is touched; then tensors are read and assigned one
-                # at a time, so a restore needs one tensor of extra memory,
-                # not a second copy of the state.
-                reader.verify()
-                for variable, entry in plan:
-                    value = np.empty(entry.shape, dtype=entry.np_dtype)
-                    reader.read_tensor(entry, value)
-                    variable.assign(value)
-                    del value
+                # Every checksum is verified before the model is touched.
+                # The values are views of the mapped file: it is read once,
+                # and no second copy of the state is allocated.
+                values = [reader.verified_view(entry) for _, entry in plan]
+                _assign(plan, values)
+                del values
         except CheckpointCorruptError as e:
             log.warning("%s", e)
             first_error = first_error or e
