@@ -15,14 +15,10 @@ import numpy as np
 
 from fastbackup import storage
 from fastbackup.errors import CheckpointCorruptError, CheckpointMismatchError
-from fastbackup.format import CheckpointReader, TensorEntry, dtype_from_name
-from fastbackup.snapshot import collect_variables
+from fastbackup.format import CheckpointReader, TensorEntry
+from fastbackup.snapshot import collect_variables, host_dtype
 
 log = logging.getLogger("fastbackup")
-
-
-def _host_dtype(variable: Any) -> np.dtype:
-    return dtype_from_name(keras.backend.standardize_dtype(variable.dtype))
 
 
 def match_state(
@@ -67,7 +63,7 @@ def match_state(
                 f"holds {len(entries)} variables for the model's "
                 f"{len(variables)}."
             )
-        want_dtype = _host_dtype(variable).name
+        want_dtype = host_dtype(variable).name
         want_shape = tuple(int(d) for d in variable.shape)
         if entry.shape != want_shape or entry.dtype != want_dtype:
             raise CheckpointMismatchError(

@@ -125,6 +125,11 @@ def collect_variables(model: keras.Model) -> list[tuple[str, Any]]:
     return out
 
 
+def host_dtype(variable: Any) -> np.dtype:
+    """The numpy dtype of a variable's host copy (bfloat16 via ml_dtypes)."""
+    return dtype_from_name(keras.backend.standardize_dtype(variable.dtype))
+
+
 def _read_tensorflow(variable: Any) -> np.ndarray:
     # `read_value()` aliases the variable's buffer and `np.asarray` of an
     # eager CPU tensor is a view: one copy in all, done by `copyto`.
@@ -206,9 +211,7 @@ class Snapshotter:
             TensorSpec(
                 name=name,
                 path=str(getattr(variable, "path", name)),
-                dtype=dtype_from_name(
-                    keras.backend.standardize_dtype(variable.dtype)
-                ),
+                dtype=host_dtype(variable),
                 shape=tuple(int(d) for d in variable.shape),
             )
             for name, variable in self.variables()

@@ -182,34 +182,45 @@ set_odirect(int fd, int on)
 }
 #endif
 
+/* One write(2), or the "write" failpoint's error in its place. Returns the
+ * bytes written (> 0), or -1 with errno set. EINTR is retried. */
+static ssize_t
+write_once(int fd, const char *p, size_t n)
+{
+    for (;;) {
+        int injected = fb_failpoint_hit(FB_FP_WRITE);
+        ssize_t done;
+
+        if (injected) {
+            errno = injected;
+            done = -1;
+        }
+        else {
+            done = write(fd, p, n);
+        }
+        if (done < 0 && errno == EINTR)
+            continue;
+        /* A regular file never returns 0 for a non-empty write; without this
+         * the callers' loops would spin forever if one did. */
+        if (done == 0) {
+            errno = EIO;
+            return -1;
+        }
+        return done;
+    }
+}
+
 /* Returns 0 or an errno. Advances over short writes: any buffer over 2 GiB
  * always gets one on Linux. */
 static int
 write_all(AtomicFileObject *self, const char *p, size_t len)
 {
     while (len > 0) {
-        size_t n = len < MAX_WRITE ? len : MAX_WRITE;
-        ssize_t done;
-        int injected;
+        size_t n = fb_failpoint_cap_write(len < MAX_WRITE ? len : MAX_WRITE);
+        ssize_t done = write_once(self->fd, p, n);
 
-        n = fb_failpoint_cap_write(n);
-        injected = fb_failpoint_hit(FB_FP_WRITE);
-        if (injected) {
-            errno = injected;
-            done = -1;
-        }
-        else {
-            done = write(self->fd, p, n);
-        }
-        if (done < 0) {
-            if (errno == EINTR)
-                continue;
+        if (done < 0)
             return errno;
-        }
-        /* A regular file never returns 0 for a non-empty write; without this
-         * the loop would spin forever if one did. */
-        if (done == 0)
-            return EIO;
         p += done;
         len -= (size_t)done;
         self->bytes_written += (unsigned long long)done;
@@ -232,7 +243,6 @@ flush_bounce(AtomicFileObject *self, size_t len)
     while (off < len) {
         size_t n = fb_failpoint_cap_write(len - off);
         ssize_t done;
-        int injected;
 
 #ifdef O_DIRECT
         if (self->odirect_on) {
@@ -248,21 +258,9 @@ flush_bounce(AtomicFileObject *self, size_t len)
             }
         }
 #endif
-        injected = fb_failpoint_hit(FB_FP_WRITE);
-        if (injected) {
-            errno = injected;
-            done = -1;
-        }
-        else {
-            done = write(self->fd, self->bounce + off, n);
-        }
-        if (done < 0) {
-            if (errno == EINTR)
-                continue;
+        done = write_once(self->fd, self->bounce + off, n);
+        if (done < 0)
             return errno;
-        }
-        if (done == 0)
-            return EIO;
         off += (size_t)done;
     }
     return 0;
