@@ -456,9 +456,14 @@ class BackupAndRestore(keras.callbacks.Callback):
         # A handler left by a fit that raised (Keras then skips
         # on_train_end) is replaced, not chained: chain what it chained.
         previous = getattr(previous, "_fastbackup_previous", previous)
+        # Taken here, not in the handler: on JAX, `Callback.model` writes the
+        # trainer's state back into the variables, and a signal can arrive
+        # inside a step, after the state it donates was read. Syncing then
+        # would leave the variables holding arrays the step deletes.
+        model = self.model
 
         def handler(signum: int, frame: Any) -> None:
-            if frame is None or self._in_fit(frame):
+            if frame is None or _in_fit(frame, model):
                 # Only a flag: the save must happen between two steps.
                 self._sigterm_pending = True
                 return
@@ -476,17 +481,6 @@ class BackupAndRestore(keras.callbacks.Callback):
         handler._fastbackup_previous = previous  # type: ignore[attr-defined]
         self._previous_sigterm = previous
         signal.signal(signal.SIGTERM, handler)
-
-    def _in_fit(self, frame: Any) -> bool:
-        """True if `frame` is inside `fit` of this callback's model."""
-        while frame is not None:
-            if (
-                frame.f_code.co_name == "fit"
-                and frame.f_locals.get("self") is self.model
-            ):
-                return True
-            frame = frame.f_back
-        return False
 
     def _stop_for_preemption(self, batch: int) -> None:
         self._sigterm_pending = False
@@ -506,3 +500,15 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
+
+
+def _in_fit(frame: Any, model: Any) -> bool:
+    """True if `frame` is inside `model.fit`."""
+    while frame is not None:
+        if (
+            frame.f_code.co_name == "fit"
+            and frame.f_locals.get("self") is model
+        ):
+            return True
+        frame = frame.f_back
+    return False

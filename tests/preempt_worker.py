@@ -12,6 +12,10 @@ Prints one JSON line (prefixed "RESULT ") describing what happened. Modes:
 - "chain": previous handler semantics across fits: SIGTERM after a fit
   that raised, during a resumed fit with the same callback, and after the
   last step of a fit.
+- "in_step": `handle_sigterm=True`; the data pipeline sends SIGTERM while
+  the trainer fetches batch 3 of epoch 1. On JAX and torch that fetch runs
+  on the main thread inside the train step, after the JAX trainer has read
+  the state it is about to donate, so the handler runs mid-step.
 """
 
 from __future__ import annotations
@@ -220,10 +224,81 @@ def mode_chain(backup, progress_path):
     return result
 
 
+class SignalingData(keras.utils.PyDataset):
+    """The training data; fetching batch `at[1]` of epoch `at[0]` (as
+    `progress` counts epochs) sends SIGTERM to this process."""
+
+    def __init__(self, progress, at):
+        super().__init__()
+        self.x, self.y = data()
+        self.progress = progress
+        self.at = at
+
+    def __len__(self):
+        return STEPS_PER_EPOCH
+
+    def __getitem__(self, index):
+        if (self.progress.epoch, index) == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        rows = slice(index * BATCH, (index + 1) * BATCH)
+        return self.x[rows], self.y[rows]
+
+
+def mode_in_step(backup, progress_path):
+    from tests.conftest import all_state
+
+    m = model()
+    progress = Progress(progress_path)
+    dataset = SignalingData(progress, at=(1, 3))
+    delivered = []
+
+    class RecordDelivery(keras.callbacks.Callback):
+        # Records where the signal reached Python: the steps completed and
+        # whether it was inside the batch fetch (that is, mid-step).
+        def on_train_begin(self, logs=None):
+            inner = signal.getsignal(signal.SIGTERM)
+
+            def wrapper(signum, frame):
+                names, f = [], frame
+                while f is not None:
+                    names.append(f.f_code.co_name)
+                    f = f.f_back
+                delivered.append({"steps": progress.steps,
+                                  "in_fetch": "__getitem__" in names})
+                inner(signum, frame)
+
+            signal.signal(signal.SIGTERM, wrapper)
+
+    cb = fastbackup.BackupAndRestore(backup, save_freq=1000,
+                                     handle_sigterm=True)
+    m.fit(dataset, epochs=4, verbose=0, shuffle=False,
+          callbacks=[progress, cb, RecordDelivery()])
+    # Training stopped at the step boundary where the state was saved, so
+    # the checkpoint must hold exactly the model's state now.
+    final = all_state(m)
+    [(step, path)] = storage.list_checkpoints(backup)
+    with CheckpointReader(path) as reader:
+        reader.verify()
+        saved = [np.array(reader.verified_view(e)) for e in reader.entries]
+        position = [reader.epoch, reader.batch,
+                    reader.meta.get("extra", {}).get("position")]
+    return {
+        "delivered": delivered,
+        "steps": progress.steps,
+        "position": position,
+        "state_matches": len(saved) == len(final) and all(
+            a.dtype == b.dtype and a.shape == b.shape
+            and np.array_equal(a, b, equal_nan=True)
+            for a, b in zip(saved, final)
+        ),
+    }
+
+
 def main():
     mode, backup, progress_path = sys.argv[1:4]
     result = {"self": mode_self, "external": mode_external,
-              "chain": mode_chain}[mode](backup, progress_path)
+              "chain": mode_chain, "in_step": mode_in_step}[mode](
+                  backup, progress_path)
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
     sys.stdout.flush()
 
