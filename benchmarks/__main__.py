@@ -2,9 +2,10 @@
 
 Runs sections a (blocking time per save), c (durable write throughput) and
 d (restore) in one set of interleaved rounds on one model, b (training-loop
-overhead) in another, and e (resident memory) in fresh subprocesses; prints
-the tables and PASS/MISS per target; writes `results.json` and
-`results.png` into `--out`.
+overhead) in another, e (resident memory) in fresh subprocesses, and j
+(snapshot strategies on the JAX trainer) in a JAX subprocess; prints the
+tables and PASS/MISS per target; writes `results.json` and `results.png`
+into `--out`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-SECTIONS = "abcde"
+SECTIONS = "abcdej"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +45,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "temporary folder on the current directory's disk "
                              "(never tmpfs, where fsync does nothing)")
     parser.add_argument("--sections", default=SECTIONS,
-                        help="subset of 'abcde' to run (a, c and d run together)")
+                        help="subset of 'abcdej' to run (a, c and d run together)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the backup folder instead of deleting it")
     args = parser.parse_args(argv)
@@ -121,6 +122,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["e_memory"] = probes
             results.setdefault("state_bytes", probes["fastbackup/saves"]["state_bytes"])
             results["section_seconds"]["e"] = time.perf_counter() - t0
+        if "j" in wants:
+            from benchmarks import jax_snapshot
+
+            t0 = time.perf_counter()
+            _log(f"j: JAX snapshot strategies, {args.repeats} rounds (subprocess)")
+            results["j_jax_snapshot"] = jax_snapshot.run_subprocess(
+                args.quick, args.repeats, log=_log)
+            results["section_seconds"]["j"] = time.perf_counter() - t0
     finally:
         if args.keep:
             _log(f"kept {work_dir}")

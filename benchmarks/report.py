@@ -234,7 +234,38 @@ def detail_tables(results: dict[str, Any]) -> str:
                  _s(p.get("added_bytes"), "MB"), _s(p.get("retained_bytes"), "MB")]
                 for k, p in e.items() if isinstance(p, dict)]
         parts.append(_table(["memory probe", "baseline", "peak", "added", "retained"], rows))
+    j = results.get("j_jax_snapshot")
+    if j:
+        parts.append(jax_snapshot_table(j))
     return "\n\n".join(parts)
+
+
+def jax_snapshot_table(j: dict[str, Any]) -> str:
+    """Section j: snapshot strategies on the Keras JAX trainer."""
+    if "error" in j:
+        return f"j. JAX snapshot strategies: not measured ({j['error']})"
+    rows = []
+    for name, s in j["strategies"].items():
+        deleted = s.get("deleted_by_next_step")
+        note = ""
+        if deleted:
+            note = f"{deleted} of {j['tensors']} arrays deleted by the next step"
+        elif s.get("writer_read_s") is not None:
+            note = f"writer's read of the copies {_s(s['writer_read_s'])}"
+        rows.append([
+            name,
+            _s(s["blocking_s"]) if name != "none" else "-",
+            _s(s["next_step_extra_s"]) if name != "none" else "-",
+            _s(s["cost_s"]) if name != "none" else "-",
+            _s(s["loop_overhead"], "%") if name != "none" else "-",
+            note,
+        ])
+    title = (f"j. JAX snapshot strategies ({_s(j['state_bytes'], 'MB')} of state in "
+             f"{j['tensors']} arrays; a snapshot every {j['every']} steps; median "
+             f"step {_s(j['step_s'])})")
+    return title + "\n" + _table(
+        ["strategy", "blocked at batch end", "next step extra", "cost per snapshot",
+         "loop overhead", "note"], rows)
 
 
 def verdict_lines(results: dict[str, Any]) -> str:
