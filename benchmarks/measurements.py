@@ -28,6 +28,7 @@ import numpy as np
 from benchmarks.models import (
     ModelSpec,
     fresh_restore_target,
+    fit_inputs,
     make_data,
     state_arrays,
 )
@@ -429,6 +430,7 @@ def measure_training_loop(
     the median over rounds of each round's own ratio (robust to drift).
     """
     x, y = make_data(spec, steps=spec.steps_per_epoch, seed=2)
+    inputs = fit_inputs(spec, x, y)
     with_orbax = orbax_available()
     configs = loop_configurations(save_freqs, with_orbax)
     runs: dict[str, list[dict[str, Any]]] = {config_key(*c): [] for c in configs}
@@ -468,8 +470,7 @@ def measure_training_loop(
             timing = LoopTiming()
             callbacks = [timing.start] + ([callback] if callback else []) + [timing.stop]
             model.fit(
-                x, y, batch_size=spec.batch_size, epochs=spec.loop_epochs,
-                shuffle=False, verbose=0, callbacks=callbacks,
+                **inputs, epochs=spec.loop_epochs, verbose=0, callbacks=callbacks,
             )
             run: dict[str, Any] = {
                 "round": r,
@@ -478,6 +479,8 @@ def measure_training_loop(
                 "end_s": timing.end_s,
                 "cpu_s": timing.cpu_s,
                 "median_step_s": median(timing.step_times()),
+                # Every step, so that a stall shows where it happened.
+                "step_times_s": [round(t, 4) for t in timing.step_times()],
             }
             if before is not None:
                 after = _writer_counts(callback)
