@@ -212,7 +212,7 @@ def detail_tables(results: dict[str, Any]) -> str:
         m = a["median"]
         first = a.get("first_save", {})
         parts.append(_table(["save (median)", "value"], [
-            ["memcpy floor (+ getting TF's host views first)",
+            ["memcpy floor (+ getting the backend's host views first)",
              f"{_s(m.get('floor_copy_s'))} (+ {_s(m.get('floor_views_s'))})"],
             ["fastbackup blocking (first save: allocates)",
              f"{_s(m.get('fastbackup_blocking_s'))} ({_s(first.get('fastbackup_blocking_s'))})"],
