@@ -104,7 +104,8 @@ def fit_inputs(spec: ModelSpec, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     options = tf.data.Options()
     options.autotune.enabled = False
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(spec.batch_size)
-    return {"x": dataset.with_options(options)}
+    # shuffle=False only silences Keras's warning that a dataset ignores it.
+    return {"x": dataset.with_options(options), "shuffle": False}
 
 
 def warm_up(model: keras.Model, spec: ModelSpec) -> None:
