@@ -42,12 +42,6 @@ STRATEGIES = ("none", "host_copy", "hold_arrays", "hold_views", "device_copy",
               "device_copy_reuse")
 
 
-def _median(values: list[float]) -> float | None:
-    from benchmarks.measurements import median
-
-    return median(values)
-
-
 class _Strategy:
     """A callback taking a snapshot every `every` steps one way, and timing."""
 
@@ -129,7 +123,7 @@ class _Strategy:
         strategy = self
 
         class Timed(keras.callbacks.Callback):
-            # `self._model`, not `self.model`: on JAX the property syncs the
+            # Never reads `self.model`: on JAX that property syncs the
             # trainer's state at every batch end, which fastbackup does not.
             def on_train_begin(self, logs: Any = None) -> None:
                 strategy._mark = time.perf_counter()
@@ -162,7 +156,7 @@ def measure(spec_name: str, rounds: int, every: int, steps: int,
     import keras
 
     from benchmarks import models
-    from benchmarks.measurements import round_order
+    from benchmarks.measurements import median, round_order
 
     if keras.backend.backend() != "jax":
         raise RuntimeError(
@@ -186,8 +180,8 @@ def measure(spec_name: str, rounds: int, every: int, steps: int,
                       verbose=0, callbacks=[timed])
             loops[name].append(time.perf_counter() - t0)
             log(f"  j round {r + 1}/{rounds} {name}: {loops[name][-1]:.2f} s")
-    base_step = _median(strategies["none"].others + strategies["none"].after)
-    base_loop = _median(loops["none"])
+    base_step = median(strategies["none"].others)
+    base_loop = median(loops["none"])
     out: dict[str, Any] = {
         "every": every, "steps": steps, "rounds": rounds,
         "state_bytes": models.state_nbytes(model),
@@ -195,10 +189,10 @@ def measure(spec_name: str, rounds: int, every: int, steps: int,
         "step_s": base_step, "strategies": {},
     }
     for name, s in strategies.items():
-        blocking = _median(s.blocking) if s.blocking else 0.0
-        after = _median(s.after) if s.after else None
+        blocking = median(s.blocking) if s.blocking else 0.0
+        after = median(s.after)
         extra = after - base_step if after is not None and base_step else None
-        loop = _median(loops[name])
+        loop = median(loops[name])
         out["strategies"][name] = {
             "blocking_s": blocking,
             "next_step_s": after,
@@ -206,7 +200,7 @@ def measure(spec_name: str, rounds: int, every: int, steps: int,
             "cost_s": blocking + extra if extra is not None else None,
             "loop_s": loop,
             "loop_overhead": loop / base_loop - 1 if base_loop else None,
-            "writer_read_s": _median(s.writer_read) if s.writer_read else None,
+            "writer_read_s": median(s.writer_read),
             "deleted_by_next_step": (
                 max(s.deleted) if s.deleted else None
             ),
@@ -222,23 +216,28 @@ def run_subprocess(quick: bool, rounds: int, log: Any = print) -> dict[str, Any]
     its own. Returns the figures, or `{"error": ...}` saying why none.
     """
     import subprocess
+    import tempfile
 
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "benchmarks.jax_snapshot", "--json",
            "--rounds", str(rounds)] + (["--quick"] if quick else [])
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(
-                                os.path.abspath(__file__))))
     result = None
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-        else:
-            log(line.rstrip("\n"))
-    err = proc.stderr.read() if proc.stderr else ""
-    proc.wait()
+    # stderr goes to a file: a pipe read only after stdout ends would
+    # deadlock once the child's log output filled it.
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                stderr=errors, text=True,
+                                cwd=os.path.dirname(os.path.dirname(
+                                    os.path.abspath(__file__))))
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT "):])
+            else:
+                log(line.rstrip("\n"))
+        proc.wait()
+        errors.seek(0)
+        err = errors.read()
     if proc.returncode != 0 or result is None:
         tail = err.strip().splitlines()[-1:] or ["no output"]
         return {"error": f"exit status {proc.returncode}: {tail[0]}"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -186,7 +187,7 @@ def _rest(saves: dict[str, Any]) -> float | None:
     rest = [d - b - w for d, b, w in zip(s.get("fastbackup_durable_s", []),
                                          s.get("fastbackup_blocking_s", []),
                                          s.get("fastbackup_write_s", []))]
-    return sorted(rest)[len(rest) // 2] if rest else None
+    return statistics.median(rest) if rest else None
 
 
 def detail_tables(results: dict[str, Any]) -> str:

@@ -144,7 +144,6 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._deferred = False
         self._writer: BackgroundWriter | None = None
         self._snapshotter: Snapshotter | None = None
-        self._snapshotter_model: Any = None
         self.blocking_seconds: list[float] = []
         self.restored_from: tuple[int, int, int] | None = None
         self._in_epoch = False
@@ -202,9 +201,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.blocking_seconds = []
         if checkpoints:
             self._restore()
-        if self._snapshotter is None or self._snapshotter_model is not self.model:
+        if self._snapshotter is None or self._snapshotter.model is not self.model:
             self._snapshotter = Snapshotter(self.model)
-            self._snapshotter_model = self.model
         self._snapshotter.refresh()
         if self.save_freq is not False and self.model.built:
             # Saves must find their buffers ready rather than fault fresh

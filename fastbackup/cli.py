@@ -504,7 +504,7 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     for _, path in candidates:
         try:
             with CheckpointReader(path) as reader:
-                reader.verify()
+                # read_state verifies every tensor's checksum as it reads.
                 values = restore.read_state(reader, model)
                 chosen = (path, reader.step, reader.epoch, reader.batch)
         except FileNotFoundError:

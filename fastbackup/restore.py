@@ -88,7 +88,8 @@ def read_state(
 ) -> list[tuple[Any, np.ndarray]]:
     """Reads and verifies every tensor of `reader` for `model`.
 
-    Holds the whole state in memory; `restore_latest` streams instead.
+    Holds a private copy of the whole state; `restore_latest` assigns
+    from a read-only mapping of the file instead.
 
     Args:
         reader: an opened checkpoint.
@@ -111,10 +112,11 @@ def read_state(
 
 def _assign(plan: list[tuple[Any, TensorEntry]], values: list[np.ndarray]) -> None:
     # JAX may alias a host array instead of copying it; the mapped file is
-    # closed after this, so JAX gets its own copy.
+    # closed after this, so JAX gets its own copy of every mapped (read-only)
+    # view. Decoded tensors are private arrays already.
     copy = keras.backend.backend() == "jax"
     for (variable, _), value in zip(plan, values):
-        variable.assign(np.array(value) if copy else value)
+        variable.assign(np.array(value) if copy and not value.flags.writeable else value)
 
 
 def restore_latest(

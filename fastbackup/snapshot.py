@@ -182,7 +182,7 @@ class Snapshotter:
     """
 
     def __init__(self, model: keras.Model) -> None:
-        self._model = model
+        self.model = model
         self._read = _backend_reader()
         self._variables: list[tuple[str, Any]] | None = None
 
@@ -194,11 +194,11 @@ class Snapshotter:
         """Returns the `(name, variable)` pairs this snapshotter copies."""
         if self._variables is not None:
             return self._variables
-        variables = collect_variables(self._model)
+        variables = collect_variables(self.model)
         # Backends create optimizer and compiled-metric variables in the
         # first train step; the list is final only once both exist.
-        optimizer = getattr(self._model, "optimizer", None)
-        metrics = getattr(self._model, "_compile_metrics", None)
+        optimizer = getattr(self.model, "optimizer", None)
+        metrics = getattr(self.model, "_compile_metrics", None)
         if (optimizer is None or getattr(optimizer, "built", True)) and (
             metrics is None or metrics.built
         ):
@@ -220,7 +220,7 @@ class Snapshotter:
     def _sync_backend_state(self) -> None:
         # The JAX trainer keeps the live state outside the Keras variables
         # during an epoch; writing it back is cheap (no copy of the arrays).
-        sync = getattr(self._model, "jax_state_sync", None)
+        sync = getattr(self.model, "jax_state_sync", None)
         if sync is not None:
             sync()
 

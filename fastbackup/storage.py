@@ -196,8 +196,7 @@ def _is_lock_file(fd: int, directory: str) -> bool:
         st = os.stat(os.path.join(directory, LOCK_NAME))
     except (FileNotFoundError, NotADirectoryError):
         return False
-    held = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+    return os.path.samestat(st, os.fstat(fd))
 
 
 def acquire_lock(directory: str, owner: Any, flush: Callable[[], None]) -> None:

@@ -21,7 +21,6 @@ import atexit
 import collections
 import dataclasses
 import logging
-import statistics
 import threading
 import time
 import weakref
@@ -74,17 +73,13 @@ class WriterStats:
         total = sum(self.write_seconds)
         return self.bytes_written / total if total else 0.0
 
-    def median_write_seconds(self) -> float:
-        return statistics.median(self.write_seconds) if self.write_seconds else 0.0
-
 
 class Slot:
     """A reusable host buffer and its state in the pool."""
 
-    __slots__ = ("index", "snapshot", "state", "specs")
+    __slots__ = ("snapshot", "state", "specs")
 
-    def __init__(self, index: int) -> None:
-        self.index = index
+    def __init__(self) -> None:
         self.snapshot: HostSnapshot | None = None
         self.state = _FREE
         self.specs: list[TensorSpec] | None = None
@@ -118,7 +113,7 @@ class BackgroundWriter:
         self.direct = direct
         self.stats = WriterStats()
         self.next_step = 0
-        self._slots = [Slot(i) for i in range(buffers)]
+        self._slots = [Slot() for _ in range(buffers)]
         self._queue: collections.deque[Slot] = collections.deque()
         self._cond = threading.Condition()
         self._error: BaseException | None = None

@@ -97,3 +97,12 @@ class InterruptAt(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._current == self.epoch and batch == self.batch:
             raise RuntimeError("Interrupting!")
+
+
+def flip_byte(path, offset: int) -> None:
+    """Damages a file in place: flips one bit of the byte at `offset`."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))

@@ -18,6 +18,7 @@ from tests.conftest import (
     InterruptAt,
     all_state,
     assert_state_equal,
+    flip_byte,
     fresh_model,
     make_data,
     make_model,
@@ -260,17 +261,9 @@ def _train_two_checkpoints(tmp_path):
     return x, y, ckpts, previous
 
 
-def _flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
-
-
 def test_double_checkpoint_restores_previous_when_newest_damaged(tmp_path):
     x, y, ckpts, previous = _train_two_checkpoints(tmp_path)
-    _flip_byte(ckpts[0][1], 100)
+    flip_byte(ckpts[0][1], 100)
     fresh = fresh_model()
     cb = fastbackup.BackupAndRestore(tmp_path, double_checkpoint=True,
                                      delete_checkpoint=False)
@@ -289,7 +282,7 @@ def test_damaged_checkpoint_raises_without_double_checkpoint(tmp_path, damage):
         fastbackup.BackupAndRestore(tmp_path, delete_checkpoint=False)])
     [(_, path)] = storage.list_checkpoints(str(tmp_path))
     if damage == "flip":
-        _flip_byte(path, 40)
+        flip_byte(path, 40)
     else:
         os.truncate(path, os.path.getsize(path) // 2)
     fresh = fresh_model()

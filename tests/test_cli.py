@@ -20,7 +20,7 @@ from fastbackup import cli, storage
 from fastbackup import format as fmt
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import HostSnapshot, TensorSpec, collect_variables
-from tests.conftest import make_data, make_model
+from tests.conftest import flip_byte, make_data, make_model
 
 # Helpers ---------------------------------------------------------------------
 
@@ -72,14 +72,6 @@ def write_checkpoint(directory, step, arrays, epoch=0, batch=0, policy=None):
     os.makedirs(directory, exist_ok=True)
     encoded = fmt.encode(snapshot, policy or fmt.CompressionPolicy(None), step)
     return storage.commit(str(directory), step, encoded, sync=False).path
-
-
-def flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
 
 
 def run(capsys, *argv):

@@ -26,7 +26,7 @@ from fastbackup import restore, storage
 from fastbackup._compat import native
 from fastbackup.errors import CheckpointCorruptError
 from fastbackup.format import CheckpointReader
-from fastbackup.snapshot import HostSnapshot, TensorSpec
+from fastbackup.snapshot import HostSnapshot, TensorSpec, collect_variables
 from tests.conftest import all_state, assert_state_equal, fresh_model, make_data, make_model
 
 # Bytes that version 1 readers do not interpret (docs/format.md): the
@@ -527,19 +527,13 @@ def test_restore_level_damage(tmp_path, two_checkpoints):
         assert_state_equal(all_state(model), first)
         # Both damaged: an error, not a fresh start.
         _damage(previous_path, kind)
-        for variable, value in zip([v for _, v in _variables(model)], untouched):
+        for variable, value in zip([v for _, v in collect_variables(model)], untouched):
             variable.assign(value)
         with pytest.raises(CheckpointCorruptError):
             restore.restore_latest(backup, model, fall_back=True)
         assert_state_equal(all_state(model), untouched)
         outcomes[kind] = "fallback ok"
     print(f"\nrestore-level damage: {outcomes}")
-
-
-def _variables(model):
-    from fastbackup.snapshot import collect_variables
-
-    return collect_variables(model)
 
 
 def test_damaged_newest_through_the_callback(tmp_path, two_checkpoints):

@@ -8,7 +8,6 @@ import types
 
 import keras
 import numpy as np
-import pytest
 
 from fastbackup.snapshot import (
     GROUPS,
@@ -30,9 +29,6 @@ def fake_model(variables=(), optimizer_variables=None, metrics_variables=()):
         variables=list(variables), optimizer=optimizer,
         metrics_variables=list(metrics_variables),
     )
-
-
-BACKEND = keras.backend.backend()
 
 
 def var(value, dtype="float32", name="v"):

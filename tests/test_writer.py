@@ -56,7 +56,7 @@ class Gate:
         self.steps.append(step)
         self.entered.release()
         assert self.release.wait(WAIT)
-        return self.real(directory, step, encoded, sync)
+        return self.real(directory, step, encoded, sync, **kwargs)
 
     def wait_entered(self):
         assert self.entered.acquire(timeout=WAIT)
