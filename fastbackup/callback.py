@@ -18,6 +18,7 @@ from fastbackup import config as config_lib
 from fastbackup import format as fmt
 from fastbackup import restore, storage
 from fastbackup.snapshot import Snapshotter, collect_variables
+from fastbackup import writer as writer_lib
 from fastbackup.writer import BackgroundWriter, WriterStats, as_write_error
 
 log = logging.getLogger("fastbackup")
@@ -143,6 +144,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._current_epoch = 0
         self._deferred = False
         self._writer: BackgroundWriter | None = None
+        self._pool_sized = False
         self._snapshotter: Snapshotter | None = None
         self.blocking_seconds: list[float] = []
         self.restored_from: tuple[int, int, int] | None = None
@@ -199,6 +201,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._resume_epoch = None
         self._saved_metrics = []
         self.blocking_seconds = []
+        self._pool_sized = False
         if checkpoints:
             self._restore()
         if self._snapshotter is None or self._snapshotter.model is not self.model:
@@ -213,7 +216,9 @@ class BackupAndRestore(keras.callbacks.Callback):
             optimizer = getattr(self.model, "optimizer", None)
             if optimizer is not None and not optimizer.built:
                 optimizer.build(self.model.trainable_variables)
-            writer.prepare(self._snapshotter.layout())
+            layout = self._snapshotter.layout()
+            self._size_pool(sum(spec.nbytes for spec in layout))
+            writer.prepare(layout)
         if self.handle_sigterm:
             self._install_sigterm_handler()
 
@@ -292,7 +297,6 @@ class BackupAndRestore(keras.callbacks.Callback):
                 fmt.CompressionPolicy(self.config.compression_level),
                 keep=2 if self.double_checkpoint else 1,
                 sync=self.config.fsync,
-                buffers=1 + self.config.pending_snapshots,
                 direct=self.config.direct_io,
             )
             # The host buffers live as long as the callback, so that a
@@ -357,7 +361,16 @@ class BackupAndRestore(keras.callbacks.Callback):
             writer.cancel(slot)
             raise
         writer.submit(slot, snapshot)
+        if not self._pool_sized:
+            # An unbuilt model's layout is known only from its first save.
+            self._size_pool(snapshot.nbytes)
         self.blocking_seconds.append(time.perf_counter() - start)
+
+    def _size_pool(self, state_bytes: int) -> None:
+        self._get_writer().resize(
+            writer_lib.pool_size(self.config.pending_snapshots, state_bytes)
+        )
+        self._pool_sized = True
 
     def _restore(self) -> None:
         model = self.model

@@ -34,9 +34,11 @@ class Config:
             writer is free (or replaces the pending snapshot); "wait" blocks
             the step until the writer is free. `FASTBACKUP_ON_BUSY`.
         pending_snapshots: host snapshots allowed to wait while another one
-            is written: 0 (default; peak extra memory is one copy of the
-            state) or 1 (two copies; a due save is snapshotted at once and
-            replaces any older pending one). `FASTBACKUP_PENDING_SNAPSHOTS`.
+            is written: 0 (peak extra memory is one copy of the state), 1
+            (two copies; a due save is snapshotted at once and replaces any
+            older pending one) or `None` (default, "auto": 1 for states of
+            at most `writer.AUTO_SECOND_BUFFER_BYTES`, 0 above).
+            `FASTBACKUP_PENDING_SNAPSHOTS`: auto, 0, 1.
         fsync: make every checkpoint durable with fsync before and after the
             rename. Turning it off is only for benchmarks on tmpfs.
             `FASTBACKUP_FSYNC`: on/off. Defaults to on.
@@ -62,7 +64,7 @@ class Config:
 
     compression_level: int | None = 1
     on_busy: str = "coalesce"
-    pending_snapshots: int = 0
+    pending_snapshots: int | None = None
     fsync: bool = True
     direct_io: bool = True
     on_error: str = "raise"
@@ -114,6 +116,10 @@ def _compression(name: str, raw: str) -> int | None:
     return level
 
 
+def _pending(value: str) -> int | None:
+    return None if value == "auto" else int(value)
+
+
 def from_environ(environ: Mapping[str, str] | None = None) -> Config:
     """Reads and validates every `FASTBACKUP_*` variable.
 
@@ -138,7 +144,7 @@ def from_environ(environ: Mapping[str, str] | None = None) -> Config:
         ),
         "FASTBACKUP_PENDING_SNAPSHOTS": (
             "pending_snapshots",
-            lambda n, r: int(_choice(n, r, ("0", "1"))),
+            lambda n, r: _pending(_choice(n, r, ("auto", "0", "1"))),
         ),
         "FASTBACKUP_FSYNC": ("fsync", _bool),
         "FASTBACKUP_DIRECT_IO": ("direct_io", _bool),

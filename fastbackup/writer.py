@@ -3,10 +3,12 @@
 The training thread checks a host buffer out of a small pool, fills it (see
 `snapshot`) and submits it; the writer thread encodes it (`format`) and
 commits it (`storage`), then returns the buffer to the pool. The pool holds
-one buffer, or two with `FASTBACKUP_PENDING_SNAPSHOTS=1`, so host memory is
-bounded whatever the disk's speed. When every buffer is busy, the training
-thread either waits or, by default, does not save now (the callback retries
-at the next step boundary: saves are coalesced, never queued without bound).
+one or two buffers (`pool_size`), so host memory is bounded whatever the
+disk's speed. With two, a due save always finds a buffer: the free one, or
+the one whose snapshot still waits, which the newer state replaces. With
+one, when it is busy the training thread either waits or, by default, does
+not save now (the callback retries at the next step boundary: saves are
+coalesced, never queued without bound).
 
 An exception on the writer thread is kept and re-raised on the training
 thread (`check_error`, `wait_until_finished`), never swallowed. The thread is
@@ -39,6 +41,33 @@ log = logging.getLogger("fastbackup")
 _FREE, _FILLING, _QUEUED, _PREPARING, _BUSY = (
     "free", "filling", "queued", "preparing", "busy",
 )
+
+
+# States up to this size get a second host buffer unless the user chose
+# (`FASTBACKUP_PENDING_SNAPSHOTS`): every due save is then snapshotted at
+# once, as Keras's synchronous callback saves it, instead of being coalesced
+# into a later step that may never come (an exception right after a save).
+# The second buffer costs at most this much memory (0.3% of a 24 GiB
+# machine), faulted in on the writer thread in 7-36 ms (measured here with
+# `HostSnapshot.allocate`); above it, doubling the state's host memory is a
+# real cost and coalescing stays (docs/configuration.md).
+AUTO_SECOND_BUFFER_BYTES = 64 << 20
+
+
+def pool_size(pending_snapshots: int | None, state_bytes: int) -> int:
+    """Host buffers for a state of `state_bytes`.
+
+    Args:
+        pending_snapshots: `FASTBACKUP_PENDING_SNAPSHOTS`: 0, 1, or `None`
+            for automatic.
+        state_bytes: size of one host copy of the state.
+
+    Returns:
+        1 or 2.
+    """
+    if pending_snapshots is None:
+        return 2 if state_bytes <= AUTO_SECOND_BUFFER_BYTES else 1
+    return 1 + pending_snapshots
 
 
 @dataclasses.dataclass
@@ -155,6 +184,26 @@ class BackgroundWriter:
                 log.debug("coalesced a pending snapshot (%d so far)",
                           self.stats.coalesced)
                 return slot
+
+    def resize(self, buffers: int) -> None:
+        """Sets the number of host buffers (1 or 2).
+
+        A new buffer is allocated when first used (or by `prepare`); a
+        surplus one is dropped once it is free, never while it holds a
+        snapshot that waits or is being written.
+        """
+        with self._cond:
+            while len(self._slots) < buffers:
+                self._slots.append(Slot())
+            for slot in [s for s in self._slots if s.state == _FREE]:
+                if len(self._slots) <= buffers:
+                    break
+                self._slots.remove(slot)
+
+    @property
+    def buffers(self) -> int:
+        """Number of host buffers in the pool."""
+        return len(self._slots)
 
     def prepare(self, specs: list[TensorSpec]) -> None:
         """Allocates the host buffers on the writer thread, ahead of need.

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import fastbackup
-from fastbackup import storage
+from fastbackup import restore, storage
+from fastbackup import writer as writer_lib
 from fastbackup.format import CheckpointReader
 from tests.conftest import (
     InterruptAt,
@@ -377,6 +378,8 @@ def test_writer_error_can_be_a_warning(tmp_path, monkeypatch, caplog):
 
 
 def test_busy_writer_coalesces_instead_of_blocking(tmp_path, monkeypatch):
+    # One host buffer, as a state above the automatic threshold gets.
+    monkeypatch.setenv("FASTBACKUP_PENDING_SNAPSHOTS", "0")
     release = threading.Event()
     real_commit = storage.commit
 
@@ -495,3 +498,87 @@ def test_model_built_by_its_first_step_trains_and_resumes(tmp_path, save_freq):
         # Restored after the last epoch: nothing left to train.
         assert_state_equal(all_state(again, metrics=False),
                            all_state(model, metrics=False))
+
+
+def test_small_state_takes_every_due_save_at_once(tmp_path, monkeypatch):
+    # The first write is held; every later due save must still be
+    # snapshotted when it falls due (into the second buffer), so the state
+    # of the last batch before an exception is the one written.
+    release = threading.Event()
+    real_commit = storage.commit
+
+    def slow_commit(*args, **kwargs):
+        release.wait(30)
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "commit", slow_commit)
+    x, y = make_data(n=64)
+    model = make_model()
+    cb = fastbackup.BackupAndRestore(tmp_path, save_freq=1)
+    recorder = RecordAt(0, 2)
+    with pytest.raises(RuntimeError, match="Interrupting"):
+        model.fit(x, y, epochs=2, batch_size=8, verbose=0,
+                  callbacks=[cb, recorder, InterruptAt(0, 2)])
+    assert cb._get_writer().buffers == 2
+    release.set()
+    cb.wait_until_finished()
+    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    with CheckpointReader(path) as reader:
+        assert (reader.epoch, reader.batch) == (0, 2)
+        saved = [v for _, v in restore.read_state(reader, model)]
+    assert_state_equal(saved, recorder.state)
+
+
+class RecordAt(keras.callbacks.Callback):
+    """Keeps a copy of the whole state at the end of one batch."""
+
+    def __init__(self, epoch: int, batch: int):
+        super().__init__()
+        self.at = (epoch, batch)
+        self._epoch = 0
+        self.state: list[np.ndarray] | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self._epoch, batch) == self.at:
+            self.state = all_state(self.model)
+
+
+@pytest.mark.parametrize("pending, state_bytes, buffers", [
+    (None, 1 << 10, 2),
+    (None, writer_lib.AUTO_SECOND_BUFFER_BYTES, 2),
+    (None, writer_lib.AUTO_SECOND_BUFFER_BYTES + 1, 1),
+    (0, 1 << 10, 1),
+    (1, 1 << 30, 2),
+])
+def test_pool_size(pending, state_bytes, buffers):
+    assert writer_lib.pool_size(pending, state_bytes) == buffers
+
+
+def test_save_per_batch_interrupted_restores_that_very_save(tmp_path):
+    # Keras restores the save made just before the exception; so must we,
+    # without waiting for the writer between steps.
+    x, y = make_data(n=64)
+    model = make_model()
+    recorder = RecordAt(1, 2)
+    cb = fastbackup.BackupAndRestore(tmp_path, save_freq=1)
+    with pytest.raises(RuntimeError, match="Interrupting"):
+        model.fit(x, y, epochs=3, batch_size=8, verbose=0,
+                  callbacks=[cb, recorder, InterruptAt(1, 2)])
+    fresh = fresh_model()
+    cb2 = fastbackup.BackupAndRestore(tmp_path, save_freq=1)
+    restored = RecordAtTrainBegin()
+    # epochs=1 < the restored epoch: nothing trains after the restore.
+    fresh.fit(x, y, epochs=1, batch_size=8, verbose=0,
+              callbacks=[cb2, restored])
+    assert cb2.restored_from[1:] == (1, 2)
+    assert_state_equal(restored.state, recorder.state)
+
+
+class RecordAtTrainBegin(keras.callbacks.Callback):
+    """Keeps a copy of the whole state as `fit` begins (after a restore)."""
+
+    def on_train_begin(self, logs=None):
+        self.state = all_state(self.model)

@@ -45,7 +45,7 @@ def test_defaults():
     assert c == config.Config()
     assert c.compression_level == 1
     assert c.on_busy == "coalesce"
-    assert c.pending_snapshots == 0
+    assert c.pending_snapshots is None  # automatic: by the state's size
     assert c.fsync is True
     assert c.on_error == "raise"
     assert c.log_level is None
@@ -117,9 +117,14 @@ def test_pending_snapshots(raw, value):
     assert c.pending_snapshots == value and isinstance(c.pending_snapshots, int)
 
 
+@pytest.mark.parametrize("raw", ["auto", " AUTO "])
+def test_pending_snapshots_auto(raw):
+    assert parse(FASTBACKUP_PENDING_SNAPSHOTS=raw).pending_snapshots is None
+
+
 @pytest.mark.parametrize("raw", ["2", "-1", "one", "", "01"])
 def test_pending_snapshots_invalid(raw):
-    assert_rejected("FASTBACKUP_PENDING_SNAPSHOTS", raw, "0, 1")
+    assert_rejected("FASTBACKUP_PENDING_SNAPSHOTS", raw, "auto, 0, 1")
 
 
 # Booleans ----------------------------------------------------------------------
