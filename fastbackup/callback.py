@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 import weakref
@@ -153,6 +154,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         # trained before the checkpoint, and the saved metric values.
         self._skip_batches = 0
         self._resume_epoch: int | None = None
+        # Batches of the resumed epoch up to this index are hidden from every
+        # callback; -1 when none is.
+        self._hidden_through = -1
+        self._hiding: _HiddenBatches | None = None
         self._saved_metrics: list[tuple[Any, Any]] = []
         self._sigterm_pending = False
         self._preempted = False
@@ -199,6 +204,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._in_epoch = False
         self._skip_batches = 0
         self._resume_epoch = None
+        self._stop_hiding()  # left by a fit that raised
         self._saved_metrics = []
         self.blocking_seconds = []
         self._pool_sized = False
@@ -235,9 +241,9 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._raise_writer_error()
-        if self._skip_batches > 0:
-            # A batch trained before the checkpoint: skipped, not counted.
-            self._last_batch_seen = batch
+        if batch <= self._hidden_through:
+            # A batch trained before the checkpoint, skipped: reaches here
+            # only where the other callbacks could not be spared it.
             return
         if self._sigterm_pending:
             self._stop_for_preemption(batch)
@@ -255,10 +261,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._last_batch_seen = 0
         self._in_epoch = False
         self._skip_batches = 0
+        self._stop_hiding()
         if self.save_freq == "epoch":
             self._save(epoch + 1, 0, block=True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._stop_hiding()
         previous_sigterm = self._previous_sigterm
         self._restore_sigterm_handler()
         late_sigterm = self._sigterm_pending
@@ -410,6 +418,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         model = self.model
         self._skip_batches = batch + 1
         self._resume_epoch = epoch
+        # Counted as in the run that saved: the next save falls due
+        # `save_freq` batches after the checkpoint's.
+        self._last_batch_seen = batch
+        self._batches_seen_since_last_saving = 0
+        self._hide_batches_through(batch)
         self._saved_metrics = [
             (v, np.array(v.numpy(), copy=True))
             for name, v in collect_variables(model)
@@ -439,6 +452,35 @@ class BackupAndRestore(keras.callbacks.Callback):
         model.train_function = skipping_train_function
         log.info("resuming mid-epoch: epoch %d continues after batch %d",
                  epoch, batch)
+
+    def _hide_batches_through(self, batch: int) -> None:
+        """Spares every callback the batch hooks of the skipped batches.
+
+        Progress bars, TensorBoard and step-counting callbacks must see only
+        the batches trained, under the indices they had in the interrupted
+        run. Keras's fit loop calls its `CallbackList` for every batch of the
+        epoch, so that list's two batch hooks are wrapped until the resumed
+        epoch ends. A callback holds no reference to its list: it is found
+        as the caller of `on_train_begin`.
+        """
+        self._hidden_through = batch
+        callbacks = _calling_callback_list(self)
+        if callbacks is None:
+            log.warning(
+                "resume_mid_epoch: the CallbackList calling this callback was "
+                "not found (fit called by a custom loop?); other callbacks "
+                "see batches 0 to %d of the resumed epoch, which are skipped "
+                "without training", batch)
+            return
+        self._hiding = _HiddenBatches(
+            callbacks, lambda b: b <= self._hidden_through
+        )
+
+    def _stop_hiding(self) -> None:
+        self._hidden_through = -1
+        if self._hiding is not None:
+            self._hiding.remove()
+            self._hiding = None
 
     def _log_summary(self) -> None:
         if not self.params or not self.params.get("verbose"):
@@ -511,6 +553,49 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
+
+
+class _HiddenBatches:
+    """Wraps a `CallbackList`'s batch hooks to drop some batches.
+
+    Args:
+        callbacks: the list `fit` calls.
+        hidden: tells whether a batch index is hidden.
+    """
+
+    _HOOKS = ("on_train_batch_begin", "on_train_batch_end")
+
+    def __init__(self, callbacks: Any, hidden: Any) -> None:
+        self.callbacks = callbacks
+        for name in self._HOOKS:
+            real = getattr(callbacks, name)
+
+            def hook(batch: int, logs: Any = None, _real: Any = real) -> Any:
+                if hidden(batch):
+                    return None
+                return _real(batch, logs)
+
+            # An instance attribute shadows the class's method for this list
+            # only; removing it restores the method.
+            setattr(callbacks, name, hook)
+
+    def remove(self) -> None:
+        for name in self._HOOKS:
+            self.callbacks.__dict__.pop(name, None)
+
+
+def _calling_callback_list(callback: Any) -> Any:
+    """The `CallbackList` whose hook is calling `callback`, or `None`."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if (
+            isinstance(owner, keras.callbacks.CallbackList)
+            and any(c is callback for c in owner.callbacks)
+        ):
+            return owner
+        frame = frame.f_back
+    return None
 
 
 def _in_fit(frame: Any, model: Any) -> bool:

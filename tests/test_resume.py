@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import fastbackup
+from fastbackup import storage
+from fastbackup.format import CheckpointReader
 from tests.conftest import InterruptAt, all_state, assert_state_equal
 
 EPOCHS = 3
@@ -114,3 +116,90 @@ def test_default_replays_the_epoch_like_keras(tmp_path):
     _, epoch, batch = cb.restored_from
     assert epoch <= 1 and steps.start == epoch * 5 + batch + 1
     assert steps.end - steps.start == (EPOCHS - epoch) * 5
+
+
+class RecordBatches(keras.callbacks.Callback):
+    """Records every batch hook call: (hook, epoch, batch, logs keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int, int]] = []
+        self.logs: list[dict] = []
+        self._epoch = -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.calls.append(("begin", self._epoch, batch))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls.append(("end", self._epoch, batch))
+        self.logs.append(dict(logs or {}))
+
+
+@pytest.mark.parametrize("save_freq", [1, 3])
+def test_other_callbacks_see_only_the_batches_trained(tmp_path, save_freq):
+    x, y = _data()
+    batches = N // BATCH
+    model = _model()
+    with pytest.raises(RuntimeError, match="Interrupting"):
+        model.fit(x, y, epochs=EPOCHS, batch_size=BATCH, shuffle=False,
+                  verbose=0, callbacks=[
+                      fastbackup.BackupAndRestore(
+                          tmp_path, save_freq=save_freq,
+                          resume_mid_epoch=True, delete_checkpoint=False),
+                      InterruptAt(1, 3)])
+    fresh = _model()
+    fresh.build((None, 6))
+    cb = fastbackup.BackupAndRestore(tmp_path, save_freq=save_freq,
+                                     resume_mid_epoch=True,
+                                     delete_checkpoint=False)
+    # The recorder is both after and before fastbackup in the list: the
+    # order of callbacks must not matter.
+    before, after = RecordBatches(), RecordBatches()
+    steps = CountSteps()
+    fresh.fit(x, y, epochs=EPOCHS, batch_size=BATCH, shuffle=False, verbose=0,
+              callbacks=[before, cb, after, steps])
+    _, epoch, batch = cb.restored_from
+    assert epoch == 1 and batch < batches - 1
+    trained = [(epoch, b) for b in range(batch + 1, batches)] + [
+        (e, b) for e in range(epoch + 1, EPOCHS) for b in range(batches)
+    ]
+    expected = [
+        (hook, e, b) for e, b in trained for hook in ("begin", "end")
+    ]
+    assert steps.end - steps.start == len(trained)
+    for recorder in (before, after):
+        assert recorder.calls == expected
+        assert all("loss" in logs for logs in recorder.logs)
+    # The next save fell due save_freq batches after the checkpoint's, as
+    # in an uninterrupted run.
+    checkpoints = storage.list_checkpoints(str(tmp_path))
+    with CheckpointReader(checkpoints[0][1]) as reader:
+        last = (reader.epoch, reader.batch)
+    assert last == (EPOCHS - 1, batches - 1)
+
+
+def test_resume_hides_nothing_once_the_epoch_is_over(tmp_path):
+    # A callback reused for a second fit: its first fit's hiding must not
+    # leak into the second one.
+    x, y = _data()
+    model = _model()
+    with pytest.raises(RuntimeError, match="Interrupting"):
+        model.fit(x, y, epochs=2, batch_size=BATCH, shuffle=False, verbose=0,
+                  callbacks=[fastbackup.BackupAndRestore(
+                      tmp_path, save_freq=1, resume_mid_epoch=True),
+                      InterruptAt(0, 2)])
+    cb = fastbackup.BackupAndRestore(tmp_path, save_freq=1,
+                                     resume_mid_epoch=True)
+    recorder = RecordBatches()
+    model.fit(x, y, epochs=2, batch_size=BATCH, shuffle=False, verbose=0,
+              callbacks=[cb, recorder])
+    assert cb.restored_from[1:] == (0, 2)
+    recorder.calls.clear()
+    model.fit(x, y, epochs=1, batch_size=BATCH, shuffle=False, verbose=0,
+              callbacks=[cb, recorder])
+    assert [c for c in recorder.calls if c[0] == "end"] == [
+        ("end", 0, b) for b in range(N // BATCH)
+    ]
