@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ import numpy as np
 
 from fastbackup import config as config_lib
 from fastbackup import format as fmt
-from fastbackup import restore, storage
+from fastbackup import model_config, restore, storage
 from fastbackup.snapshot import Snapshotter, collect_variables
 from fastbackup import writer as writer_lib
 from fastbackup.writer import BackgroundWriter, WriterStats, as_write_error
@@ -146,6 +147,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._deferred = False
         self._writer: BackgroundWriter | None = None
         self._pool_sized = False
+        # CRC-32C of the model config file written by this fit, recorded in
+        # each of its checkpoints; `None` when not written.
+        self._model_config_crc: int | None = None
+        self._model_config_tried = False
         self._snapshotter: Snapshotter | None = None
         self.blocking_seconds: list[float] = []
         self.restored_from: tuple[int, int, int] | None = None
@@ -208,6 +213,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._saved_metrics = []
         self.blocking_seconds = []
         self._pool_sized = False
+        self._model_config_crc = None
+        self._model_config_tried = False
         if checkpoints:
             self._restore()
         if self._snapshotter is None or self._snapshotter.model is not self.model:
@@ -225,6 +232,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             layout = self._snapshotter.layout()
             self._size_pool(sum(spec.nbytes for spec in layout))
             writer.prepare(layout)
+            self._store_model_config()
         if self.handle_sigterm:
             self._install_sigterm_handler()
 
@@ -360,11 +368,17 @@ class BackupAndRestore(keras.callbacks.Callback):
             # the write fails (BackupWriteError, ENOENT) instead of silently
             # recreating an unlocked directory.
             snapshot = self._snapshotter.take(slot.snapshot, epoch, batch)  # type: ignore[union-attr]
+            if not self._model_config_tried:
+                # A model built by its first step: its config is complete
+                # only now.
+                self._store_model_config()
             # An epoch-end state and the state after batch 0 of the next
             # epoch both record batch 0; the position tells them apart.
             snapshot.metadata = {
                 "position": "batch_end" if self._in_epoch else "epoch_end",
             }
+            if self._model_config_crc is not None:
+                snapshot.metadata["model_config"] = self._model_config_crc
         except BaseException:
             writer.cancel(slot)
             raise
@@ -373,6 +387,24 @@ class BackupAndRestore(keras.callbacks.Callback):
             # An unbuilt model's layout is known only from its first save.
             self._size_pool(snapshot.nbytes)
         self.blocking_seconds.append(time.perf_counter() - start)
+
+    def _store_model_config(self) -> None:
+        """Writes the model's config for `export`, once per fit."""
+        self._model_config_tried = True
+        data, stored = model_config.describe(self.model)
+        if not stored:
+            log.info("fastbackup: the model's config is not stored, so "
+                     "`export` will need --model or --model-factory: %s",
+                     json.loads(data)["reason"])
+        try:
+            storage.write_model_config(self.backup_dir, data, self.config.fsync)
+        except OSError as e:
+            # Only `export` needs it, and checkpoints that record no config
+            # make `export` ask for the model: training goes on.
+            log.warning("fastbackup: cannot write the model config (export "
+                        "will need --model or --model-factory): %s", e)
+            return
+        self._model_config_crc = model_config.checksum(data)
 
     def _size_pool(self, state_bytes: int) -> None:
         self._get_writer().resize(

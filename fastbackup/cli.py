@@ -3,8 +3,9 @@
 * `inspect DIR` describes every checkpoint of a backup directory.
 * `verify DIR` checks every checkpoint's checksums; exit status 1 when any
   is damaged.
-* `export DIR OUT.weights.h5 --model M` writes the newest valid checkpoint
-  as a Keras weights file, through a model of the same architecture.
+* `export DIR OUT.weights.h5 [--model M]` writes the newest valid
+  checkpoint as a Keras weights file, through the model rebuilt from the
+  config stored in the backup, or one of the same architecture.
 * `bench ARGS...` runs the benchmark harness (`python -m benchmarks ARGS`).
 
 Exit status: 0 success; 1 a damaged checkpoint was found, or `export` found
@@ -303,15 +304,67 @@ def _exit_status(reports: list[Report]) -> int:
     return EXIT_DAMAGED if any(r.status == "damaged" for r in reports) else EXIT_OK
 
 
+def _model_config_report(directory: str) -> dict[str, Any] | None:
+    """What the stored model config file says, for `inspect`."""
+    path = os.path.join(directory, storage.MODEL_CONFIG_NAME)
+    try:
+        data = storage.read_model_config(directory)
+    except (OSError, ValueError) as e:
+        return {"file": path, "error": str(e)}
+    if data is None:
+        return None
+    from fastbackup import model_config
+
+    report: dict[str, Any] = {
+        "file": path,
+        "crc32c": model_config.checksum(data),
+    }
+    try:
+        document = json.loads(data)
+    except ValueError as e:
+        report["error"] = f"not valid JSON: {e}"
+        return report
+    if not isinstance(document, dict):
+        report["error"] = "not a model config"
+        return report
+    report.update(
+        class_name=document.get("class_name"),
+        stored=document.get("config") is not None,
+        reason=document.get("reason"),
+        keras_version=document.get("keras_version"),
+        backend=document.get("backend"),
+    )
+    return report
+
+
+def _print_model_config(report: dict[str, Any] | None, out: TextIO) -> None:
+    if report is None:
+        out.write("model config: none stored (export needs --model or "
+                  "--model-factory)\n\n")
+    elif "error" in report:
+        out.write(f"model config: unreadable: {report['error']}\n\n")
+    elif report["stored"]:
+        out.write(
+            f"model config: {report['class_name']} (Keras "
+            f"{report['keras_version']}, CRC-32C {report['crc32c']:08x}); "
+            "export needs no --model\n\n"
+        )
+    else:
+        out.write(f"model config: not stored: {report['reason']}\n\n")
+
+
 def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     target = _resolve(args.dir)
     reports = _examine_all(target, verify=not args.no_verify)
     now = time.time()
+    single = len(target.checkpoints) == 1 and target.checkpoints[0][0] is None
+    config = _model_config_report(target.directory)
     if args.json:
         json.dump(
             {
                 "directory": target.directory,
                 "lock_file": target.lock_file,
+                "model_config": config,
                 "checkpoints": [r.as_json(now, True) for r in reports],
                 "temp_files": target.temp_files,
             },
@@ -320,13 +373,14 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         )
         out.write("\n")
         return _exit_status(reports)
-    if len(target.checkpoints) == 1 and target.checkpoints[0][0] is None:
+    if single:
         out.write(f"checkpoint file {args.dir}\n\n")
     else:
         out.write(
             f"backup directory {target.directory}: {len(reports)} "
             f"checkpoint(s), newest first\n\n"
         )
+        _print_model_config(config, out)
     for r in reports:
         _print_inspect(r, now, out)
         out.write("\n")
@@ -458,6 +512,39 @@ def _load_model(args: argparse.Namespace) -> Any:
         raise UsageError(
             f"{source}: expected a keras.Model, got {type(model).__name__}"
         )
+    return _ready_for_export(model, source)
+
+
+def _stored_model(directory: str, reader: CheckpointReader) -> Any:
+    """The model rebuilt from the config stored beside the checkpoints.
+
+    Raises:
+        CommandFailed: no usable config; the message says to pass the model.
+    """
+    from fastbackup import model_config
+
+    path = os.path.join(directory, storage.MODEL_CONFIG_NAME)
+    hint = "; pass the model with --model or --model-factory"
+    try:
+        data = storage.read_model_config(directory)
+        if data is None:
+            raise model_config.ModelConfigError(
+                f"{path} does not exist (the backup was written by a "
+                "fastbackup that did not store the model's config)"
+            )
+        extra = reader.meta.get("extra", {})
+        crc = extra.get("model_config")
+        document = model_config.parse(
+            data, crc if isinstance(crc, int) else None, path
+        )
+        model = model_config.rebuild(document, path)
+    except (model_config.ModelConfigError, OSError, ValueError) as e:
+        raise CommandFailed(f"cannot export without the model: {e}{hint}") from e
+    return _ready_for_export(model, path)
+
+
+def _ready_for_export(model: Any, source: str) -> Any:
+    """Checks that `model` can receive a checkpoint; builds its optimizer."""
     if not model.built:
         raise UsageError(
             f"{source}: the model is not built; build it (for example with "
@@ -496,7 +583,8 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
             )
     if not candidates:
         raise CommandFailed(f"{args.dir}: no checkpoint to export")
-    model = _load_model(args)
+    given = args.model is not None or args.model_factory is not None
+    model = _load_model(args) if given else None
 
     from fastbackup import restore
 
@@ -504,6 +592,10 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     for _, path in candidates:
         try:
             with CheckpointReader(path) as reader:
+                if model is None:
+                    # Rebuilt for the newest readable checkpoint, whose
+                    # header vouches for the stored config.
+                    model = _stored_model(target.directory, reader)
                 # read_state verifies every tensor's checksum as it reads.
                 values = restore.read_state(reader, model)
                 chosen = (path, reader.step, reader.epoch, reader.batch)
@@ -622,15 +714,18 @@ def _parser() -> argparse.ArgumentParser:
         help="write the newest valid checkpoint as a Keras .weights.h5 file",
         description="Restore the newest valid checkpoint into a model of the "
         "same architecture and write it with `model.save_weights`, so that "
-        "`model.load_weights(OUT)` reads it.",
+        "`model.load_weights(OUT)` reads it. The model is rebuilt from the "
+        "config the callback stored in the backup, or given with --model or "
+        "--model-factory (needed for a subclassed model).",
     )
     p.add_argument("dir", metavar="DIR",
                    help="backup directory (or one checkpoint file)")
     p.add_argument("out", metavar="OUT.weights.h5", help="file to write")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="PATH",
                         help="a saved Keras model (.keras) of the same "
-                        "architecture, compiled with the same optimizer")
+                        "architecture, compiled with the same optimizer "
+                        "(default: the model config stored in the backup)")
     source.add_argument("--model-factory", metavar="MODULE:FUNCTION",
                         help="a function returning a built, compiled model "
                         "of the same architecture")

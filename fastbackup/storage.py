@@ -1,7 +1,8 @@
 """The backup directory: naming, locking, atomic commit, listing, pruning.
 
 A backup directory holds checkpoints named `ckpt-<step>.fbk`, where `step` is
-a sequence number that only grows, plus a lock file. A checkpoint is created
+a sequence number that only grows, a lock file, and the model's config
+(`model_config`), written once per fit. A checkpoint is created
 under a temporary name and renamed into place by the native extension; older
 checkpoints are removed only after the new one is durable, so a crash at any
 instant leaves at least one complete checkpoint.
@@ -29,7 +30,10 @@ from fastbackup.format import EncodedCheckpoint
 log = logging.getLogger("fastbackup")
 
 _CHECKPOINT_RE = re.compile(r"^ckpt-([0-9]{12})\.fbk$")
-_TEMP_RE = re.compile(r"^\.ckpt-[0-9]{12}\.fbk\.[0-9a-f]+\.tmp$")
+MODEL_CONFIG_NAME = "model-config.json"
+_TEMP_RE = re.compile(
+    r"^\.(ckpt-[0-9]{12}\.fbk|model-config\.json)\.[0-9a-f]+\.tmp$"
+)
 LOCK_NAME = ".fastbackup.lock"
 
 
@@ -161,6 +165,33 @@ def commit(
         os.path.join(directory, name), step, nbytes,
         time.perf_counter() - start,
     )
+
+
+def write_model_config(directory: str, data: bytes, sync: bool) -> None:
+    """Replaces the model config file, durably and atomically."""
+    with native.AtomicFile(directory, MODEL_CONFIG_NAME, sync=sync) as f:
+        f.write([data], checksum=False)
+        f.commit()
+
+
+def read_model_config(directory: str) -> bytes | None:
+    """The model config file's contents, or `None` when there is none."""
+    try:
+        with open(os.path.join(directory, MODEL_CONFIG_NAME), "rb") as f:
+            # A few KiB in practice; bounded so a hostile file cannot
+            # exhaust memory.
+            data = f.read(_MAX_MODEL_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > _MAX_MODEL_CONFIG_BYTES:
+        raise ValueError(
+            f"{os.path.join(directory, MODEL_CONFIG_NAME)} is over "
+            f"{_MAX_MODEL_CONFIG_BYTES} bytes: not a model config"
+        )
+    return data
+
+
+_MAX_MODEL_CONFIG_BYTES = 64 << 20
 
 
 def prune(directory: str, keep: int) -> None:

@@ -473,12 +473,121 @@ def test_export_rejects_missing_model_file(backup, tmp_path, capsys):
     assert code == 2 and "absent.keras: no such file" in err
 
 
-def test_export_needs_exactly_one_model_source(backup, tmp_path, capsys):
+def test_export_takes_at_most_one_model_source(backup, tmp_path, capsys):
     out_file = tmp_path / "o.weights.h5"
-    assert cli.main(["export", str(backup), str(out_file)]) == 2
     assert cli.main(["export", str(backup), str(out_file), "--model", "a",
                      "--model-factory", "b:c"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+# export without the model: the config stored by the callback -------------------
+
+
+def test_export_without_model_uses_the_stored_config(backup, tmp_path, capsys):
+    out_file = tmp_path / "out.weights.h5"
+    code, out, err = run(capsys, "export", backup, out_file)
+    assert code == 0, err
+    assert "exported ckpt-000000000001.fbk (step 1, epoch 2, batch 0" in out
+    assert_matches_checkpoint(out_file, checkpoint_path(backup, 1))
+
+
+def test_export_without_model_of_a_functional_model(tmp_path, capsys):
+    def functional():
+        inputs = keras.Input((6,), name="features")
+        hidden = keras.layers.Dense(4, activation="relu")(inputs)
+        skip = keras.layers.Dense(4)(inputs)
+        outputs = keras.layers.Dense(1)(keras.layers.Add()([hidden, skip]))
+        model = keras.Model(inputs, outputs)
+        model.compile(optimizer="rmsprop", loss="mae", metrics=["mse"])
+        return model
+
+    x, y = make_data()
+    trained = functional()
+    trained.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
+        fastbackup.BackupAndRestore(tmp_path / "b", delete_checkpoint=False)])
+    out_file = tmp_path / "out.weights.h5"
+    code, _, err = run(capsys, "export", tmp_path / "b", out_file)
+    assert code == 0, err
+    fresh = functional()
+    fresh.load_weights(out_file)
+    for a, b in zip(fresh.weights, trained.weights):
+        assert np.array_equal(a.numpy(), b.numpy()), a.path
+
+
+class UnregisteredModel(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def test_export_of_a_subclassed_model_asks_for_the_model(tmp_path, capsys,
+                                                         factory):
+    x, y = make_data()
+    model = UnregisteredModel()
+    model.compile(optimizer="adam", loss="mse")
+    model(x[:1])
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[
+        fastbackup.BackupAndRestore(tmp_path / "b", delete_checkpoint=False)])
+    code, out, err = run(capsys, "inspect", tmp_path / "b")
+    assert code == 0
+    assert "model config: not stored: model class" in out
+    assert "UnregisteredModel is a subclassed model" in out
+    out_file = tmp_path / "out.weights.h5"
+    code, _, err = run(capsys, "export", tmp_path / "b", out_file)
+    assert code == 1 and not out_file.exists()
+    assert "cannot export without the model" in err
+    assert "UnregisteredModel is a subclassed model that is not registered" in err
+    assert "pass the model with --model or --model-factory" in err
+
+
+def test_export_refuses_a_damaged_or_foreign_model_config(backup, tmp_path,
+                                                          capsys):
+    config = backup / storage.MODEL_CONFIG_NAME
+    data = config.read_bytes()
+    config.write_bytes(data.replace(b'"Sequential"', b'"Sequentia1"', 1))
+    out_file = tmp_path / "out.weights.h5"
+    code, _, err = run(capsys, "export", backup, out_file)
+    assert code == 1 and not out_file.exists()
+    assert "does not belong to this checkpoint" in err
+    config.unlink()
+    code, _, err = run(capsys, "export", backup, out_file)
+    assert code == 1 and "model-config.json does not exist" in err
+    assert "--model-factory" in err
+
+
+def test_model_config_is_written_once_per_fit(tmp_path, monkeypatch):
+    writes = []
+    real = storage.write_model_config
+
+    def counting(*args, **kwargs):
+        writes.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "write_model_config", counting)
+    x, y = make_data()
+    model = make_model()
+    cb = fastbackup.BackupAndRestore(tmp_path, save_freq=1,
+                                     delete_checkpoint=False)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
+    assert cb.stats.saves + cb.stats.coalesced >= 8
+    assert writes == [str(tmp_path)]
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[cb])
+    assert len(writes) == 2
+
+
+def test_inspect_json_describes_the_model_config(backup, capsys):
+    code, out, _ = run(capsys, "inspect", backup, "--json")
+    assert code == 0
+    document = json.loads(out)
+    config = document["model_config"]
+    assert config["class_name"] == "Sequential" and config["stored"] is True
+    assert config["keras_version"] == keras.__version__
+    assert config["file"].endswith(storage.MODEL_CONFIG_NAME)
+    for checkpoint in document["checkpoints"]:
+        assert checkpoint["extra"]["model_config"] == config["crc32c"]
 
 
 def test_export_checks_the_output_name(backup, tmp_path, capsys, factory):
