@@ -145,6 +145,22 @@ def _arm(failpoints):
         native.set_failpoint(op, nth, err)
 
 
+class _ArmAtTrainBegin(keras.callbacks.Callback):
+    """Arms failpoints once fastbackup's `on_train_begin` is over.
+
+    Listed after the fastbackup callback, so that the n-th operation counted
+    is one of a checkpoint write, not of the model config file that
+    `on_train_begin` writes.
+    """
+
+    def __init__(self, failpoints):
+        super().__init__()
+        self.failpoints = failpoints
+
+    def on_train_begin(self, logs=None):
+        _arm(self.failpoints)
+
+
 @pytest.mark.parametrize("direct_io", ["on", "off"])
 @pytest.mark.parametrize(
     "failpoints,expected_errno",
@@ -161,12 +177,12 @@ def test_failed_write_raises_and_keeps_previous_checkpoint(
         # buffer and reaches the disk in a single write(2) at commit.
         failpoints = [("write", 1, errno.ENOSPC)]
     monkeypatch.setenv("FASTBACKUP_DIRECT_IO", direct_io)
-    _arm(failpoints)
     cb = fastbackup.BackupAndRestore(backup, delete_checkpoint=False)
     # The failing save (end of epoch 1) is the last one: a later save
     # could succeed and replace A before the error reaches `fit`.
     with pytest.raises(fastbackup.BackupWriteError) as info:
-        model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
+        model.fit(x, y, epochs=2, batch_size=8, verbose=0,
+                  callbacks=[cb, _ArmAtTrainBegin(failpoints)])
     native.clear_failpoints()
     error = info.value
     assert isinstance(error, OSError)
@@ -197,11 +213,11 @@ def test_fsync_failure_is_never_followed_by_trusting_the_data(tmp_path, caplog):
         cb = fastbackup.BackupAndRestore(backup, delete_checkpoint=False)
     finally:
         del os.environ["FASTBACKUP_ON_ERROR"]
-    native.set_failpoint("fsync", 1, errno.EIO)
+    arm = _ArmAtTrainBegin([("fsync", 1, errno.EIO)])
     inspect = _Inspect(cb, 2, lambda: _assert_checkpoint_a_intact(backup, state_a))
     with caplog.at_level(logging.WARNING, logger="fastbackup"):
         history = model.fit(x, y, epochs=3, batch_size=8, verbose=0,
-                            callbacks=[cb, inspect])
+                            callbacks=[cb, arm, inspect])
     assert inspect.ran
     assert len(history.history["loss"]) == 2  # epochs 1 and 2 trained
     assert "training goes on" in caplog.text and "Input/output error" in caplog.text
@@ -232,12 +248,12 @@ def test_failed_write_with_warn_keeps_training(tmp_path, monkeypatch, caplog,
     model, (x, y), _, state_a = _first_epoch(backup)
     monkeypatch.setenv("FASTBACKUP_ON_ERROR", "warn")
     cb = fastbackup.BackupAndRestore(backup, delete_checkpoint=False)
-    _arm(failpoints)
     # Failpoints fire once; the short-write cap stays until cleared.
     inspect = _Inspect(cb, 2, lambda: _assert_checkpoint_a_intact(backup, state_a))
     with caplog.at_level(logging.WARNING, logger="fastbackup"):
         history = model.fit(x, y, epochs=3, batch_size=8, verbose=0,
-                            callbacks=[cb, inspect])
+                            callbacks=[cb, _ArmAtTrainBegin(failpoints),
+                                       inspect])
     assert inspect.ran and len(history.history["loss"]) == 2
     assert "a checkpoint write failed" in caplog.text
     [(step, path)] = storage.list_checkpoints(str(backup))
@@ -253,12 +269,12 @@ def test_directory_fsync_failure_keeps_previous_checkpoint(tmp_path):
     # not pruned (it is the one known to be durable).
     backup = tmp_path / "backup"
     model, (x, y), _, state_a = _first_epoch(backup)
-    native.set_failpoint("dirfsync", 1, errno.EIO)
     cb = fastbackup.BackupAndRestore(backup, delete_checkpoint=False)
     # The failing save (end of epoch 1) is the last one: a later save
     # could succeed and replace A before the error reaches `fit`.
     with pytest.raises(fastbackup.BackupWriteError) as info:
-        model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
+        model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
+            cb, _ArmAtTrainBegin([("dirfsync", 1, errno.EIO)])])
     assert info.value.errno == errno.EIO
     assert info.value.filename == str(backup)
     assert cb.stats.saves == 0 and cb.stats.last_durable is None
@@ -499,3 +515,26 @@ def test_read_only_backup_dir_at_start_is_a_clear_error(read_only_later,
     # Nothing was trained, and the checkpoint is intact.
     assert_state_equal(all_state(model2, metrics=False), before)
     _assert_checkpoint_a_intact(backup, state_a)
+
+
+def test_model_config_write_failure_only_costs_export_its_config(tmp_path,
+                                                                 caplog):
+    # The config file serves `export` alone: failing to write it must not
+    # stop training or its checkpoints, which then record no config.
+    backup = tmp_path / "backup"
+    x, y = make_data(n=16)
+    model = _model()
+    cb = fastbackup.BackupAndRestore(backup, delete_checkpoint=False)
+    native.set_failpoint("fsync", 1, errno.EIO)  # the config file's fsync
+    with caplog.at_level(logging.WARNING, logger="fastbackup"):
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    native.clear_failpoints()
+    assert "cannot write the model config" in caplog.text
+    assert "Input/output error" in caplog.text
+    assert cb.stats.saves == 1
+    assert not (backup / storage.MODEL_CONFIG_NAME).exists()
+    assert _temp_files(backup) == []
+    [(_, path)] = storage.list_checkpoints(str(backup))
+    with CheckpointReader(path) as reader:
+        reader.verify()
+        assert "model_config" not in reader.meta["extra"]
