@@ -190,6 +190,7 @@ class BackupAndRestore(keras.callbacks.Callback):
     # Keras hooks ------------------------------------------------------------
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        _refuse_multi_process_jax()
         writer = self._get_writer()
         # A previous, interrupted fit may still be writing its last state.
         writer.wait_until_finished()
@@ -585,6 +586,27 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
+
+
+def _refuse_multi_process_jax() -> None:
+    """Fails fast where every process would write the whole state.
+
+    In a multi-process JAX job each process would lock the same directory
+    and fetch arrays it cannot address: one process failed on the lock
+    while the others hung in a collective until the coordination service
+    gave up. Both are replaced by this error, raised in every process.
+    """
+    if keras.backend.backend() != "jax":
+        return
+    import jax
+
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            "fastbackup.BackupAndRestore does not back up multi-process JAX "
+            "jobs yet (docs/distributed.md). Received: "
+            f"jax.process_count()={jax.process_count()}, "
+            f"jax.process_index()={jax.process_index()}."
+        )
 
 
 class _HiddenBatches:
