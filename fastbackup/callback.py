@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -19,8 +18,8 @@ import numpy as np
 from fastbackup import config as config_lib
 from fastbackup import format as fmt
 from fastbackup import model_config, restore, storage
-from fastbackup.snapshot import Snapshotter, collect_variables
 from fastbackup import writer as writer_lib
+from fastbackup.snapshot import Snapshotter, collect_variables
 from fastbackup.writer import BackgroundWriter, WriterStats, as_write_error
 
 log = logging.getLogger("fastbackup")
@@ -392,11 +391,11 @@ class BackupAndRestore(keras.callbacks.Callback):
     def _store_model_config(self) -> None:
         """Writes the model's config for `export`, once per fit."""
         self._model_config_tried = True
-        data, stored = model_config.describe(self.model)
-        if not stored:
+        data, not_stored = model_config.describe(self.model)
+        if not_stored:
             log.info("fastbackup: the model's config is not stored, so "
                      "`export` will need --model or --model-factory: %s",
-                     json.loads(data)["reason"])
+                     not_stored)
         try:
             storage.write_model_config(self.backup_dir, data, self.config.fsync)
         except OSError as e:

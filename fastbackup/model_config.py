@@ -53,15 +53,15 @@ def _unstorable_reason(model: keras.Model) -> str | None:
     )
 
 
-def describe(model: keras.Model) -> tuple[bytes, bool]:
+def describe(model: keras.Model) -> tuple[bytes, str | None]:
     """Serialises `model`'s architecture (and compile config) once per fit.
 
     Args:
         model: a built Keras model.
 
     Returns:
-        `(file contents, stored)`: `stored` is false when the model cannot
-        be rebuilt from a config; the contents then say why.
+        `(file contents, reason)`: `reason` says why the config is not
+        stored (the model cannot be rebuilt from one), `None` when it is.
     """
     import keras
 
@@ -84,7 +84,7 @@ def describe(model: keras.Model) -> tuple[bytes, bool]:
         "config": config,
         "reason": reason,
     }
-    return json.dumps(document).encode(), config is not None
+    return json.dumps(document).encode(), reason
 
 
 def checksum(data: bytes) -> int:
