@@ -133,13 +133,18 @@ def test_take_copies_every_variable():
     assert before <= snap.taken_at <= time.time()
     pairs = collect_variables(model)
     assert [s.name for s in snap.specs] == [n for n, _ in pairs]
-    for spec, array, (name, variable) in zip(snap.specs, snap.arrays, pairs):
+    for i, (spec, array, (name, variable)) in enumerate(
+            zip(snap.specs, snap.arrays, pairs)):
         value = np.asarray(variable.numpy())
         assert spec.path == variable.path
         assert spec.shape == tuple(variable.shape) == array.shape
         assert spec.dtype == array.dtype == value.dtype
         assert array.tobytes() == value.tobytes(), name
-        assert array.flags.c_contiguous and array.flags.owndata
+        # A copy in a buffer of our own (page-aligned, zero-padded), never
+        # an alias of the backend's memory.
+        assert array.flags.c_contiguous and array.flags.writeable
+        assert not np.shares_memory(array, np.asarray(variable.value))
+        assert snap.padded_region(i) is not None, name
     assert snap.nbytes == sum(s.nbytes for s in snap.specs)
 
 
