@@ -45,10 +45,14 @@ GROUPS = ("model", "optimizer", "metrics")
 _HUGEPAGE_MIN_BYTES = 4 << 20
 
 
-def _map_anonymous(size: int) -> mmap.mmap:
+def _map_anonymous(size: int, huge_pages: bool) -> mmap.mmap:
     """A private, zero-filled, page-aligned mapping of `size` (> 0) bytes."""
     mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if size >= _HUGEPAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+    if (
+        huge_pages
+        and size >= _HUGEPAGE_MIN_BYTES
+        and hasattr(mmap, "MADV_HUGEPAGE")
+    ):
         try:
             mapping.madvise(mmap.MADV_HUGEPAGE)
         except OSError:
@@ -60,6 +64,7 @@ def _map_anonymous(size: int) -> mmap.mmap:
 
 def aligned_arrays(
     specs: Sequence[tuple[tuple[int, ...], np.dtype]],
+    huge_pages: bool = True,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Empty arrays laid out as in a version 2 file, in one mapping.
 
@@ -69,6 +74,8 @@ def aligned_arrays(
 
     Args:
         specs: `(shape, dtype)` of each array.
+        huge_pages: advise transparent huge pages for a mapping of at least
+            4 MiB (`MADV_HUGEPAGE`). Defaults to True.
 
     Returns:
         `(arrays, regions)`: the arrays, and for each the uint8 array of its
@@ -80,7 +87,7 @@ def aligned_arrays(
     ]
     total = sum(align_up(n) for n in sizes)
     backing = (
-        np.frombuffer(_map_anonymous(total), dtype=np.uint8)
+        np.frombuffer(_map_anonymous(total, huge_pages), dtype=np.uint8)
         if total
         else np.zeros(0, np.uint8)
     )
@@ -168,15 +175,23 @@ class HostSnapshot:
         return region
 
     @classmethod
-    def allocate(cls, specs: list[TensorSpec]) -> HostSnapshot:
+    def allocate(
+        cls, specs: list[TensorSpec], huge_pages: bool = True
+    ) -> HostSnapshot:
         """Allocates aligned buffers for `specs` and faults every page in.
 
         One byte written per page is enough for the kernel to back it; numpy
         releases the GIL for the strided write, so this can run on the
         writer thread while training goes on. Only the arrays' own bytes
         are touched: the padding stays zero.
+
+        Args:
+            specs: the layout of the state.
+            huge_pages: see `aligned_arrays`. Defaults to True.
         """
-        arrays, regions = aligned_arrays([(s.shape, s.dtype) for s in specs])
+        arrays, regions = aligned_arrays(
+            [(s.shape, s.dtype) for s in specs], huge_pages
+        )
         for array in arrays:
             if array.size:
                 array.reshape(-1).view(np.uint8)[::4096] = 0
