@@ -659,6 +659,7 @@ def test_v1_backup_restores_into_a_model(tmp_path, two_checkpoints):
         with CheckpointReader(str(backup / name)) as reader:
             assert reader.version == 1
     model = fresh_model()
+    model.optimizer.build(model.trainable_variables)
     reader = restore.restore_latest(str(backup), model, fall_back=False)
     assert (reader.version, reader.step, reader.epoch) == (1, 1, 2)
     assert_state_equal(all_state(model), newest)
