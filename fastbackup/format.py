@@ -423,8 +423,8 @@ class CheckpointReader:
                 f"reads versions {readable}); upgrade fastbackup",
             )
         self.version: int = version
-        # Versions 1 and 2 define no flags: one set by a newer writer could change
-        # the meaning of what follows, so it is refused, not ignored.
+        # Versions 1 and 2 define no flags: one set by a newer writer could
+        # change the meaning of what follows, so it is refused, not ignored.
         if flags != 0:
             raise _corrupt(path, f"unknown format flags {flags:#x}")
         footer = self._read_exact(self.file_size - FOOTER_SIZE, FOOTER_SIZE)
@@ -533,8 +533,11 @@ class CheckpointReader:
         return padding
 
     def _read_stored(self, entry: TensorEntry) -> bytes:
-        """Reads a compressed tensor whole, from the current position, and
-        checks its CRC (over its padding too, in version 2)."""
+        """Reads a compressed tensor whole and checks its CRC.
+
+        Reads from the current position; in version 2 the CRC covers the
+        padding that follows the stored bytes too.
+        """
         stored = self._file.read(entry.stored_size)
         if len(stored) != entry.stored_size:
             raise _corrupt(self.path, "file is truncated")

@@ -22,6 +22,8 @@ O_DIRECT from where it is, without a bounce copy.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import mmap
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +33,8 @@ import keras
 import numpy as np
 
 from fastbackup.format import ALIGNMENT, align_up, dtype_from_name
+
+log = logging.getLogger("fastbackup")
 
 # Variable groups, in the order they are stored. The group and the index in
 # it identify a variable across two instances of the same architecture;
@@ -55,10 +59,12 @@ def _map_anonymous(size: int, huge_pages: bool) -> mmap.mmap:
     ):
         try:
             mapping.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            # EINVAL: a kernel built without transparent huge pages. The
-            # mapping works the same with small pages.
-            pass
+        except OSError as e:
+            # A kernel built without transparent huge pages answers EINVAL;
+            # the mapping works the same with small pages.
+            if e.errno != errno.EINVAL:
+                raise
+            log.debug("transparent huge pages unavailable: %s", e)
     return mapping
 
 
