@@ -114,6 +114,7 @@ def test_inspect_json_matches_the_checkpoint(backup, capsys):
         assert (newest["epoch"], newest["batch"]) == (reader.epoch, reader.batch)
         assert newest["created"] == reader.meta["created"]
         assert newest["file_size"] == reader.file_size
+        assert newest["format_version"] == reader.version == fmt.VERSION
         assert newest["tensors"] == [
             {"name": e.name, "path": e.path, "dtype": e.dtype,
              "shape": list(e.shape), "codec": e.codec,
@@ -570,7 +571,9 @@ def test_version_1_backup_inspect_verify_export(backup, capsys, tmp_path,
     assert code == 0, out
     code, out, _ = run(capsys, "inspect", "--json", backup)
     assert code == 0
-    assert {c["status"] for c in json.loads(out)["checkpoints"]} == {"ok"}
+    checkpoints = json.loads(out)["checkpoints"]
+    assert {c["status"] for c in checkpoints} == {"ok"}
+    assert {c["format_version"] for c in checkpoints} == {1}
     out_file = tmp_path / "out.weights.h5"
     code, out, err = run(capsys, "export", backup, out_file,
                          "--model-factory", f"{factory}:build")
