@@ -103,6 +103,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["d_restore"] = measurements.measure_restore(
                     model, spec, saves["files"], args.save_rounds, _log)
             results["section_seconds"]["acd"] = time.perf_counter() - t0
+        if "c" in wants:
+            t0 = time.perf_counter()
+            _log(f"c: writer CPU per GB by write path, {args.save_rounds} rounds")
+            results["c_writer_cpu"] = measurements.measure_writer_cpu(
+                model, work_dir, args.save_rounds, _log)
+            results["section_seconds"]["c_cpu"] = time.perf_counter() - t0
         if "b" in wants:
             t0 = time.perf_counter()
             _log(f"b: training loop, {spec.loop_steps} steps per run, {args.repeats} rounds")

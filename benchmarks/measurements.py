@@ -109,6 +109,28 @@ def orbax_available() -> bool:
         return False
 
 
+def timed_orbax(directory: str, save_freq: SaveFreq) -> keras.callbacks.Callback:
+    """A `keras.callbacks.OrbaxCheckpoint` that times what each save blocks.
+
+    Its `blocking_seconds` lists, per save, the time the training thread
+    spends in the callback's save (collecting the state, handing it to
+    Orbax's asynchronous save); the rest of the write runs in Orbax's
+    background threads.
+    """
+
+    class TimedOrbaxCheckpoint(keras.callbacks.OrbaxCheckpoint):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.blocking_seconds: list[float] = []
+
+        def _save_checkpoint(self, step: int, logs: Any = None) -> None:
+            start = time.perf_counter()
+            super()._save_checkpoint(step, logs)
+            self.blocking_seconds.append(time.perf_counter() - start)
+
+    return TimedOrbaxCheckpoint(directory, save_freq=save_freq)
+
+
 def _fresh_dir(root: str, name: str) -> str:
     path = os.path.join(root, name)
     shutil.rmtree(path, ignore_errors=True)
@@ -218,6 +240,13 @@ def measure_saves(
     fb.on_train_begin()
     kcb = keras.callbacks.BackupAndRestore(keras_dir, delete_checkpoint=False)
     kcb.set_model(model)
+    with_orbax = orbax_available()
+    orbax_dir = _fresh_dir(work_dir, "saves-orbax")
+    ocb: Any = None
+    if with_orbax:
+        ocb = timed_orbax(orbax_dir, save_freq=1)
+        ocb.set_model(model)
+    orbax_steps = itertools.count()
 
     samples: dict[str, list[float]] = {
         name: []
@@ -225,6 +254,7 @@ def measure_saves(
             "floor_copy_s", "floor_views_s", "fastbackup_blocking_s",
             "fastbackup_durable_s", "fastbackup_write_s", "fastbackup_write_bps",
             "keras_save_s", "raw_write_s", "raw_write_loop_s", "raw_write_bps",
+            "orbax_blocking_s", "orbax_durable_s",
         )
     }
 
@@ -247,8 +277,21 @@ def measure_saves(
         kcb._save_model()
         return time.perf_counter() - start
 
+    def orbax_save(record: bool) -> None:
+        start = time.perf_counter()
+        ocb._save_checkpoint(next(orbax_steps))
+        blocking = ocb.blocking_seconds[-1]
+        ocb.wait_until_finished()
+        if record:
+            samples["orbax_blocking_s"].append(blocking)
+            samples["orbax_durable_s"].append(time.perf_counter() - start)
+
     # Warm-up, untimed except for the first-save figures.
     floor = _CopyFloor(model)
+    first_orbax = None
+    if with_orbax:
+        orbax_save(record=False)
+        first_orbax = ocb.blocking_seconds[-1]
     fastbackup_save(record=False)
     first_blocking = fb.blocking_seconds[-1]
     first_keras = keras_save()
@@ -275,6 +318,8 @@ def measure_saves(
         "keras": lambda: samples["keras_save_s"].append(keras_save()),
         "raw": run_raw,
     }
+    if with_orbax:
+        steps["orbax"] = lambda: orbax_save(record=True)
     orders: list[list[str]] = []
     for r in range(rounds):
         order = round_order(list(steps), r)
@@ -282,9 +327,11 @@ def measure_saves(
         orders.append(order)
         for name in order:
             steps[name]()
-            settle(fb_dir, keras_dir)
+            settle(fb_dir, keras_dir, orbax_dir)
 
     stats = fb.stats
+    if ocb is not None:
+        ocb.on_train_end()
     fb.on_train_end()
     _close_writer(fb)
     floor.close()
@@ -294,7 +341,9 @@ def measure_saves(
         "samples": samples,
         "orders": orders,
         "first_save": {"fastbackup_blocking_s": first_blocking,
-                       "keras_save_s": first_keras},
+                       "keras_save_s": first_keras,
+                       "orbax_blocking_s": first_orbax},
+        "orbax": "installed" if with_orbax else "not installed",
         "checkpoint_bytes": checkpoint_bytes,
         "keras_file_bytes": os.path.getsize(keras_file),
         "compression_ratio": stats.compression_ratio,
@@ -302,6 +351,119 @@ def measure_saves(
         "saves": stats.saves,
         "median": {k: median(v) for k, v in samples.items()},
         "files": {"fastbackup_dir": fb_dir, "keras_weights": keras_file},
+    }
+
+
+# ---------------------------------------------------------------------------
+# c: the writer thread's CPU per GB written, by write path.
+
+# The write paths compared: (name, snapshot kind, O_DIRECT).
+WRITE_PATHS = (
+    # Before format version 2: O_DIRECT through the extension's bounce
+    # buffer, which is what any snapshot buffer off a page boundary gets.
+    ("bounce", "unaligned", True),
+    # Page-aligned snapshot buffers written from where they are.
+    ("zero-copy", "aligned", True),
+    ("zero-copy, no THP", "aligned-small-pages", True),
+    # Reference: the page cache (FASTBACKUP_DIRECT_IO=off).
+    ("buffered", "aligned", False),
+)
+
+
+def _unaligned_snapshot(aligned: Any) -> Any:
+    """Ordinary numpy copies of a snapshot, each 64 bytes off a page."""
+    from fastbackup.snapshot import HostSnapshot
+
+    arrays = []
+    for array in aligned.arrays:
+        backing = np.empty(array.nbytes + 8192, np.uint8)
+        start = (-backing.ctypes.data) % 4096 + 64
+        copy = backing[start : start + array.nbytes].view(array.dtype)
+        copy = copy.reshape(array.shape)
+        np.copyto(copy, array)
+        arrays.append(copy)
+    snap = HostSnapshot(list(aligned.specs), arrays)
+    snap.epoch, snap.batch, snap.taken_at = aligned.epoch, aligned.batch, aligned.taken_at
+    return snap
+
+
+def measure_writer_cpu(
+    model: keras.Model, work_dir: str, rounds: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Section c: the writer thread's CPU time per GB written, per path.
+
+    Runs what the writer thread runs for one checkpoint (`format.encode`,
+    `storage.commit` with fsync) on this thread, and takes this thread's
+    CPU time (user + system, `time.thread_time`) around it: CRC-32C, any
+    bounce or page-cache copy, and the kernel's work for the write(2)s.
+    Waiting for the disk is not CPU. Compression is off, so that every
+    path writes the same raw bytes. The paths are `WRITE_PATHS`, in
+    interleaved rounds; fault-in time of fresh snapshot buffers, with and
+    without transparent huge pages, is recorded too.
+
+    Returns:
+        Samples and medians per path: `cpu_s_per_gb`, `wall_s`, `bytes`.
+    """
+    from fastbackup import format as fmt
+    from fastbackup import storage
+    from fastbackup.snapshot import HostSnapshot, Snapshotter
+
+    snapper = Snapshotter(model)
+    specs = snapper.layout()
+    snapshots: dict[str, Any] = {}
+    fault_in: dict[str, float] = {}
+    for kind, huge in (("aligned", True), ("aligned-small-pages", False)):
+        start = time.perf_counter()
+        snapshots[kind] = HostSnapshot.allocate(specs, huge_pages=huge)
+        fault_in[kind] = time.perf_counter() - start
+        snapper.take(snapshots[kind], 0, 0)
+    snapshots["unaligned"] = _unaligned_snapshot(snapshots["aligned"])
+    policy = fmt.CompressionPolicy(None)
+    directory = _fresh_dir(work_dir, "writer-cpu")
+    os.makedirs(directory)
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {"cpu_s_per_gb": [], "wall_s": [], "bytes": []}
+        for name, _, _ in WRITE_PATHS
+    }
+    step = itertools.count()
+
+    def write(name: str, kind: str, direct: bool, record: bool) -> None:
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
+        encoded = fmt.encode(snapshots[kind], policy, next(step))
+        result = storage.commit(directory, encoded.meta["step"], encoded,
+                                sync=True, direct=direct)
+        cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
+        storage.prune(directory, 1)
+        if record:
+            s = samples[name]
+            s["cpu_s_per_gb"].append(cpu / (result.nbytes / 1e9))
+            s["wall_s"].append(wall)
+            s["bytes"].append(result.nbytes)
+
+    for name, kind, direct in WRITE_PATHS:  # warm-up, untimed
+        write(name, kind, direct, record=False)
+        settle(directory)
+    orders = []
+    for r in range(rounds):
+        order = round_order(list(WRITE_PATHS), r)
+        orders.append([p[0] for p in order])
+        for name, kind, direct in order:
+            write(name, kind, direct, record=True)
+            settle(directory)
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {samples[n]['cpu_s_per_gb'][-1]:.3f}" for n, _, _ in order)
+            + " CPU s/GB")
+    shutil.rmtree(directory, ignore_errors=True)
+    snapshots.clear()
+    medians = {name: {k: median(v) for k, v in s.items()} for name, s in samples.items()}
+    return {
+        "paths": [list(p) for p in WRITE_PATHS],
+        "samples": samples,
+        "orders": orders,
+        "median": medians,
+        "fault_in_s": fault_in,
+        "state_bytes": sum(s.nbytes for s in specs),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -465,7 +627,7 @@ def measure_training_loop(
             directory = os.path.join(work_dir, f"loop-{tool}-{freq}")
             callback = instances.get(key)
             if tool == "orbax":  # Orbax's callback closes itself at train end.
-                callback = _make_callback(tool, directory, freq or "epoch")
+                callback = timed_orbax(directory, freq or "epoch")
             before = _writer_counts(callback) if tool == "fastbackup" else None
             timing = LoopTiming()
             callbacks = [timing.start] + ([callback] if callback else []) + [timing.stop]
@@ -482,6 +644,12 @@ def measure_training_loop(
                 # Every step, so that a stall shows where it happened.
                 "step_times_s": [round(t, 4) for t in timing.step_times()],
             }
+            if tool == "orbax":
+                run.update(
+                    saves=len(callback.blocking_seconds),  # type: ignore[union-attr]
+                    coalesced=0,
+                    median_blocking_s=median(callback.blocking_seconds),  # type: ignore[union-attr]
+                )
             if before is not None:
                 after = _writer_counts(callback)
                 stats = callback.stats  # type: ignore[union-attr]
@@ -527,8 +695,9 @@ def measure_training_loop(
             "cpu_overhead": over(items, "cpu_s"),
         }
         for extra in ("saves", "coalesced", "median_blocking_s", "median_write_s"):
-            if items and extra in items[0]:
-                summary[key][extra] = median([run[extra] for run in items])
+            values = [run[extra] for run in items if run.get(extra) is not None]
+            if values:
+                summary[key][extra] = median(values)
     return {
         "steps": spec.loop_steps,
         "epochs": spec.loop_epochs,

@@ -59,6 +59,7 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     b = _get(results, "b_training_loop", "summary") or {}
     d = _get(results, "d_restore", "median") or {}
     e = _get(results, "e_memory", "fastbackup/saves") or {}
+    w = _get(results, "c_writer_cpu", "median") or {}
     le = lambda v, lim: v <= lim  # noqa: E731
     ge = lambda v, lim: v >= lim  # noqa: E731
     return [
@@ -72,6 +73,10 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
         _check("c", "durable write >= 0.9x raw write+fsync",
                _ratio(a.get("fastbackup_write_bps"), a.get("raw_write_bps")),
                0.9, ge, "{:.2f}x raw"),
+        _check("w", "writer CPU per GB <= 0.5x bounce-buffer path",
+               _ratio(_get(w, "zero-copy", "cpu_s_per_gb"),
+                      _get(w, "bounce", "cpu_s_per_gb")),
+               0.5, le, "{:.2f}x bounce"),
         _check("d", "restore <= Keras load_weights",
                _ratio(d.get("fastbackup_restore_s"), d.get("keras_load_s")),
                1.0, le, "{:.2f}x Keras"),
@@ -114,6 +119,7 @@ def summary_table(results: dict[str, Any]) -> str:
     orbax = _get(results, "b_training_loop", "orbax") or "not installed"
     d = _get(results, "d_restore", "median") or {}
     e = results.get("e_memory") or {}
+    w = _get(results, "c_writer_cpu", "median") or {}
     v = {x.key: x for x in verdicts(results)}
     state = results.get("state_bytes")
 
@@ -149,7 +155,10 @@ def summary_table(results: dict[str, Any]) -> str:
     rows = [
         ["a. blocking per save",
          f"{_s(am.get('fastbackup_blocking_s'))} ({v['a'].measured})",
-         f"memcpy floor {_s(am.get('floor_copy_s'))}; Keras save {_s(am.get('keras_save_s'))}",
+         f"memcpy floor {_s(am.get('floor_copy_s'))}; Keras save {_s(am.get('keras_save_s'))}; "
+         + (f"Orbax save {_s(am.get('orbax_blocking_s'))} blocking"
+            if am.get("orbax_blocking_s") is not None
+            else f"Orbax {a.get('orbax', 'not installed')}"),
          "<= 1.5x floor", v["a"].word],
         loop_row("b. loop, save_freq=1", "1", "b1"),
         loop_row("b. loop, save_freq=5", "5", "b5"),
@@ -159,6 +168,11 @@ def summary_table(results: dict[str, Any]) -> str:
          f"compression {a.get('compression_ratio', 0):.3f}x",
          f"raw write+fsync {_s(am.get('raw_write_bps'), 'GB/s')}",
          ">= 0.9x raw", v["c"].word],
+        ["c. writer CPU per GB written",
+         f"{_cpu_gb(_get(w, 'zero-copy', 'cpu_s_per_gb'))} zero-copy ({v['w'].measured})",
+         f"bounce buffer {_cpu_gb(_get(w, 'bounce', 'cpu_s_per_gb'))}; "
+         f"buffered {_cpu_gb(_get(w, 'buffered', 'cpu_s_per_gb'))}",
+         "<= 0.5x bounce", v["w"].word],
         ["d. restore",
          f"{_s(d.get('fastbackup_restore_s'))} ({v['d'].measured})",
          f"Keras load_weights {_s(d.get('keras_load_s'))}", "<= Keras", v["d"].word],
@@ -171,6 +185,29 @@ def summary_table(results: dict[str, Any]) -> str:
          f"Keras {_s(fit_add['keras'], 'MB')}", "-", "-"],
     ]
     return _table(["measurement", "fastbackup", "reference", "target", "verdict"], rows)
+
+
+def _cpu_gb(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f} CPU s/GB"
+
+
+def writer_cpu_table(c: dict[str, Any]) -> str:
+    """Section c: writer-thread CPU per GB and wall time, per write path."""
+    rows = []
+    for name, kind, direct in c["paths"]:
+        m = c["median"][name]
+        rows.append([name, kind, "O_DIRECT" if direct else "page cache",
+                     _cpu_gb(m.get("cpu_s_per_gb")), _s(m.get("wall_s")),
+                     _s(m.get("bytes"), "MB")])
+    fault = c.get("fault_in_s", {})
+    state = c.get("state_bytes") or 0
+    rate = {k: (f"{state / v / GB:.2f} GB/s" if v else "-") for k, v in fault.items()}
+    table = _table(["write path (median)", "snapshot buffers", "I/O",
+                    "writer CPU", "write wall", "file"], rows)
+    return (table + "\nfresh snapshot buffers, allocate + fault in: "
+            f"THP advised {_s(fault.get('aligned'))} ({rate.get('aligned', '-')}), "
+            f"small pages {_s(fault.get('aligned-small-pages'))} "
+            f"({rate.get('aligned-small-pages', '-')}); load {c.get('load_average')}")
 
 
 def _cpu(summary: dict[str, Any]) -> str:
@@ -224,11 +261,17 @@ def detail_tables(results: dict[str, Any]) -> str:
              _s(_rest(a))],
             ["Keras save_weights + json (first save)",
              f"{_s(m.get('keras_save_s'))} ({_s(first.get('keras_save_s'))})"],
+            ["Orbax save blocking (first save); save -> durable",
+             f"{_s(m.get('orbax_blocking_s'))} ({_s(first.get('orbax_blocking_s'))}); "
+             f"{_s(m.get('orbax_durable_s'))}"],
             ["raw write + fsync (of which the write loop)",
              f"{_s(m.get('raw_write_s'))} ({_s(m.get('raw_write_loop_s'))})"],
             ["checkpoint / Keras h5 size",
              f"{_s(a.get('checkpoint_bytes'), 'MB')} / {_s(a.get('keras_file_bytes'), 'MB')}"],
         ]))
+    c = results.get("c_writer_cpu")
+    if c:
+        parts.append(writer_cpu_table(c))
     e = results.get("e_memory") or {}
     if e:
         rows = [[k, _s(p.get("baseline_bytes"), "MB"), _s(p.get("peak_bytes"), "MB"),

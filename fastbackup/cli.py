@@ -113,6 +113,7 @@ class Report:
     epoch: int | None = None
     batch: int | None = None
     created: float | None = None
+    format_version: int | None = None
     file_size: int | None = None
     stored_bytes: int | None = None
     raw_bytes: int | None = None
@@ -140,6 +141,7 @@ class Report:
                 age_seconds=(
                     None if self.created is None else max(now - self.created, 0.0)
                 ),
+                format_version=self.format_version,
                 file_size=self.file_size,
                 stored_bytes=self.stored_bytes,
                 raw_bytes=self.raw_bytes,
@@ -186,6 +188,7 @@ def _examine(path: str, verify: bool) -> Report:
         if isinstance(created, (int, float)) and not isinstance(created, bool):
             report.created = float(created)
         report.extra = _json_safe(meta.get("extra", {}))
+        report.format_version = reader.version
         report.file_size = reader.file_size
         report.stored_bytes = sum(e.stored_size for e in reader.entries)
         report.raw_bytes = sum(e.raw_size for e in reader.entries)
@@ -273,7 +276,8 @@ def _print_inspect(r: Report, now: float, out: TextIO) -> None:
     out.write(f"  created:   {when}\n")
     out.write(f"  checksums: {status}\n")
     out.write(
-        f"  size:      {_size(r.file_size)} file; tensors "
+        f"  size:      {_size(r.file_size)} file (format version "
+        f"{r.format_version}); tensors "
         f"{_size(r.stored_bytes)} stored, {_size(r.raw_bytes)} raw "
         f"(compression ratio {'-' if ratio is None else f'{ratio:.2f}'})\n"
     )

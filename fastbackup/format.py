@@ -2,8 +2,11 @@
 
 Layout of a checkpoint file (all integers little-endian)::
 
-    prefix   16 bytes   magic b"\\x89FBKP\\r\\n\\x1a", u32 version, u32 flags (0)
-    payload  tensors' stored bytes, back to back, in header order
+    prefix   16 bytes   magic b"\\x89FBKP\\r\\n\\x1a", u32 version, u32 flags (0),
+                        then (version 2) zeros up to offset 4096
+    payload  tensors' stored bytes in header order; in version 2 each
+             starts at a multiple of 4096 and is followed by zeros up to the
+             next one (version 1: back to back from offset 16)
     header   msgpack map (see `docs/format.md`): training position, metadata
              and one entry per tensor with its codec, offset, sizes and the
              CRC-32C of its stored bytes
@@ -15,9 +18,15 @@ Layout of a checkpoint file (all integers little-endian)::
 The header comes last so that the payload can be streamed to disk with its
 checksums computed in the same pass, while each buffer is still in cache; the
 writer never joins the tensors into one buffer. The footer's CRC covers the
-header, whose per-tensor CRCs cover the payload: nothing is trusted before it
-is verified, and every length read from the file is bounded by the file's own
-size (or, for decompressed sizes, by the model the state is loaded into).
+header, whose per-tensor CRCs cover the payload (in version 2, each tensor's
+padding too): nothing is trusted before it is verified, and every length read
+from the file is bounded by the file's own size (or, for decompressed sizes,
+by the model the state is loaded into).
+
+Version 2 aligns the tensors so that the writer can hand the snapshot's
+page-aligned buffers to O_DIRECT as they are, without a bounce copy
+(`snapshot.HostSnapshot.allocate`, `native/atomic_file.c`); readers read
+both versions.
 """
 
 from __future__ import annotations
@@ -45,7 +54,12 @@ log = logging.getLogger("fastbackup")
 
 MAGIC = b"\x89FBKP\r\n\x1a"
 FOOTER_MAGIC = b"FBKPEND\n"
-VERSION = 1
+VERSION = 2
+# Versions this reader accepts; version 1 has no alignment.
+READABLE_VERSIONS = (1, 2)
+# Version 2's tensor alignment: the page size, which is also a multiple of
+# every common logical block size (512, 4096) that O_DIRECT requires.
+ALIGNMENT = 4096
 _PREFIX = struct.Struct("<8sII")
 _FOOTER = struct.Struct("<QQIIII8s")
 PREFIX_SIZE = _PREFIX.size
@@ -79,6 +93,14 @@ _MIN_COMPRESS_BYTES = 64 * 1024
 _SAMPLE_BYTES = 64 * 1024
 
 
+def align_up(n: int, alignment: int = ALIGNMENT) -> int:
+    """`n` rounded up to a multiple of `alignment`."""
+    return -(-n // alignment) * alignment
+
+
+_ZEROS = bytes(ALIGNMENT)
+
+
 def dtype_from_name(name: str) -> np.dtype:
     """Maps a stored dtype name to numpy, refusing anything unexpected."""
     try:
@@ -100,6 +122,8 @@ class TensorEntry:
     stored_size: int
     raw_size: int
     crc32c: int
+    # Zero bytes after the stored ones, covered by `crc32c` (version 2).
+    padding: int = 0
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -178,6 +202,10 @@ class EncodedCheckpoint:
 
     The header holds each tensor's CRC, which the native writer computes
     while it writes the payload; `trailer()` then builds header and footer.
+    A tensor is one segment, or two when its padding could not come from
+    its buffer: `entries[i]["segment"]` is the index of its first one and
+    `entries[i]["pad"]` the zero bytes that follow it in a segment of its
+    own, which its CRC continues over.
     """
 
     segments: list[Any]
@@ -191,11 +219,15 @@ class EncodedCheckpoint:
             raise ValueError(
                 f"expected {len(self.segments)} checksums, got {len(crcs)}"
             )
-        tensors = [
-            [e["name"], e["path"], e["dtype"], list(e["shape"]), e["codec"],
-             e["offset"], e["stored_size"], e["raw_size"], crc]
-            for e, crc in zip(self.entries, crcs[1:])
-        ]
+        tensors = []
+        for e in self.entries:
+            crc = crcs[e["segment"]]
+            if e["pad"]:
+                crc = native.crc32c(_ZEROS[: e["pad"]], crc)
+            tensors.append(
+                [e["name"], e["path"], e["dtype"], list(e["shape"]),
+                 e["codec"], e["offset"], e["stored_size"], e["raw_size"], crc]
+            )
         header = msgpack.packb(
             {**self.meta, "tensors": tensors}, use_bin_type=True
         )
@@ -215,6 +247,11 @@ def encode(
 ) -> EncodedCheckpoint:
     """Prepares a snapshot for streaming; runs on the writer thread.
 
+    A raw tensor whose buffer is page-aligned and padded with zeros to a
+    page multiple (`HostSnapshot.allocate`) is one segment, padding
+    included, that the native writer can hand to O_DIRECT as it is; any
+    other tensor is its stored bytes plus a segment of zeros.
+
     Args:
         snapshot: the host copy of the state.
         policy: decides the codec of each tensor.
@@ -223,14 +260,18 @@ def encode(
     Returns:
         The segments to write (prefix first) and what the header needs.
     """
-    segments: list[Any] = [_PREFIX.pack(MAGIC, VERSION, 0)]
+    segments: list[Any] = [
+        _PREFIX.pack(MAGIC, VERSION, 0) + bytes(ALIGNMENT - PREFIX_SIZE)
+    ]
     entries: list[dict[str, Any]] = []
-    offset = PREFIX_SIZE
-    for spec, array in zip(snapshot.specs, snapshot.arrays):
+    offset = ALIGNMENT
+    for index, (spec, array) in enumerate(zip(snapshot.specs, snapshot.arrays)):
         # A uint8 view, not memoryview(array): the buffer protocol has no
         # format code for ml_dtypes types (bfloat16, float8).
         codec, stored = policy.encode(memoryview(array.reshape(-1).view(np.uint8)))
         stored_size = len(stored)
+        slot = align_up(stored_size)
+        region = snapshot.padded_region(index) if codec == "raw" else None
         entries.append(
             {
                 "name": spec.name,
@@ -241,10 +282,17 @@ def encode(
                 "offset": offset,
                 "stored_size": stored_size,
                 "raw_size": spec.nbytes,
+                "segment": len(segments),
+                "pad": 0 if region is not None else slot - stored_size,
             }
         )
-        segments.append(stored)
-        offset += stored_size
+        if region is not None:
+            segments.append(region)
+        else:
+            segments.append(stored)
+            if slot != stored_size:
+                segments.append(_ZEROS[: slot - stored_size])
+        offset += slot
     meta = {
         "format": VERSION,
         "step": int(step),
@@ -260,7 +308,7 @@ def _corrupt(path: str, reason: str) -> CheckpointCorruptError:
     return CheckpointCorruptError(path, reason)
 
 
-def _entry(path: str, index: int, raw: Any) -> TensorEntry:
+def _entry(path: str, index: int, raw: Any, version: int) -> TensorEntry:
     where = f"tensor #{index}"
     if not isinstance(raw, list) or len(raw) != 9:
         raise _corrupt(path, f"{where}: malformed entry")
@@ -301,8 +349,10 @@ def _entry(path: str, index: int, raw: Any) -> TensorEntry:
         )
     if codec == "raw" and stored != size:
         raise _corrupt(path, f"{where} ({name}): raw tensor of wrong size")
+    padding = align_up(stored) - stored if version >= 2 else 0
     return TensorEntry(
-        name, vpath, dtype, tuple(shape), codec, offset, stored, size, crc
+        name, vpath, dtype, tuple(shape), codec, offset, stored, size, crc,
+        padding,
     )
 
 
@@ -365,14 +415,16 @@ class CheckpointReader:
         magic, version, flags = _PREFIX.unpack(self._read_exact(0, PREFIX_SIZE))
         if magic != MAGIC:
             raise _corrupt(path, "not a fastbackup checkpoint (bad magic)")
-        if version != VERSION:
+        if version not in READABLE_VERSIONS:
+            readable = ", ".join(str(v) for v in READABLE_VERSIONS)
             raise _corrupt(
                 path,
                 f"format version {version} is not supported (this fastbackup "
-                f"reads version {VERSION}); upgrade fastbackup",
+                f"reads versions {readable}); upgrade fastbackup",
             )
-        # Version 1 defines no flags: one set by a newer writer could change
-        # the meaning of what follows, so it is refused, not ignored.
+        self.version: int = version
+        # Versions 1 and 2 define no flags: one set by a newer writer could
+        # change the meaning of what follows, so it is refused, not ignored.
         if flags != 0:
             raise _corrupt(path, f"unknown format flags {flags:#x}")
         footer = self._read_exact(self.file_size - FOOTER_SIZE, FOOTER_SIZE)
@@ -381,16 +433,22 @@ class CheckpointReader:
         )
         if f_magic != FOOTER_MAGIC:
             raise _corrupt(path, "footer missing: the file is truncated")
-        if native.crc32c(footer[:24]) != f_crc or f_version != VERSION:
+        if native.crc32c(footer[:24]) != f_crc or f_version != version:
             raise _corrupt(path, "footer checksum mismatch")
         if reserved != 0:
             raise _corrupt(path, "footer reserved field is not zero")
+        # Version 2's payload starts after the prefix's padding.
+        first = ALIGNMENT if version >= 2 else PREFIX_SIZE
         if (
-            h_off < PREFIX_SIZE
+            h_off < first
             or h_len > MAX_HEADER_BYTES
             or h_off + h_len + FOOTER_SIZE != self.file_size
         ):
             raise _corrupt(path, "header bounds do not fit the file")
+        padding = self._read_exact(PREFIX_SIZE, first - PREFIX_SIZE)
+        if padding.count(0) != len(padding):
+            # No checksum covers these bytes: their value is the check.
+            raise _corrupt(path, "prefix padding is not zero")
         header = self._read_exact(h_off, h_len)
         if native.crc32c(header) != h_crc:
             raise _corrupt(path, "header checksum mismatch")
@@ -408,8 +466,8 @@ class CheckpointReader:
             raise _corrupt(path, "header has no valid tensor list")
         if not isinstance(meta.get("extra", {}), dict):
             raise _corrupt(path, "header field 'extra' is invalid")
-        entries = [_entry(path, i, t) for i, t in enumerate(tensors)]
-        expected = PREFIX_SIZE
+        entries = [_entry(path, i, t, version) for i, t in enumerate(tensors)]
+        expected = first
         names: set[str] = set()
         for e in entries:
             if e.offset != expected:
@@ -417,7 +475,7 @@ class CheckpointReader:
             if e.name in names:
                 raise _corrupt(path, f"tensor {e.name} appears twice")
             names.add(e.name)
-            expected += e.stored_size
+            expected += e.stored_size + e.padding
         if expected != h_off:
             raise _corrupt(path, "payload size does not match the header")
         self.meta: dict[str, Any] = meta
@@ -457,17 +515,38 @@ class CheckpointReader:
             if got != entry.raw_size:
                 raise _corrupt(self.path, "file is truncated")
             crc = native.crc32c(view)
+            if entry.padding:
+                crc = native.crc32c(self._read_padding(entry), crc)
             if crc != entry.crc32c:
                 raise _corrupt(
                     self.path, f"checksum mismatch in tensor {entry.name}"
                 )
             return
+        stored = self._read_stored(entry)
+        _decompress_into(self.path, entry, stored, out)
+
+    def _read_padding(self, entry: TensorEntry) -> bytes:
+        # Follows the stored bytes just read; fewer than ALIGNMENT bytes.
+        padding = self._file.read(entry.padding)
+        if len(padding) != entry.padding:
+            raise _corrupt(self.path, "file is truncated")
+        return padding
+
+    def _read_stored(self, entry: TensorEntry) -> bytes:
+        """Reads a compressed tensor whole and checks its CRC.
+
+        Reads from the current position; in version 2 the CRC covers the
+        padding that follows the stored bytes too.
+        """
         stored = self._file.read(entry.stored_size)
         if len(stored) != entry.stored_size:
             raise _corrupt(self.path, "file is truncated")
-        if native.crc32c(stored) != entry.crc32c:
+        crc = native.crc32c(stored)
+        if entry.padding:
+            crc = native.crc32c(self._read_padding(entry), crc)
+        if crc != entry.crc32c:
             raise _corrupt(self.path, f"checksum mismatch in tensor {entry.name}")
-        _decompress_into(self.path, entry, stored, out)
+        return stored
 
     def verified_view(self, entry: TensorEntry) -> np.ndarray:
         """Returns one tensor's value, checksum verified, without a copy.
@@ -491,12 +570,13 @@ class CheckpointReader:
                 self._file.fileno(), 0, access=mmap.ACCESS_READ
             )
             self._map.madvise(mmap.MADV_SEQUENTIAL)
-        data = np.frombuffer(
-            self._map, dtype=np.uint8, count=entry.raw_size, offset=entry.offset
+        region = np.frombuffer(
+            self._map, dtype=np.uint8, count=entry.raw_size + entry.padding,
+            offset=entry.offset,
         )
-        if native.crc32c(data) != entry.crc32c:
+        if native.crc32c(region) != entry.crc32c:
             raise _corrupt(self.path, f"checksum mismatch in tensor {entry.name}")
-        return data.view(entry.np_dtype).reshape(entry.shape)
+        return region[: entry.raw_size].view(entry.np_dtype).reshape(entry.shape)
 
     def verify(self) -> None:
         """Verifies every tensor's checksum and decoded size, streaming.
@@ -510,13 +590,7 @@ class CheckpointReader:
             if e.codec == "zstd":
                 # Compressed tensors are small by construction (they are
                 # compressed only when that pays); read them whole.
-                stored = self._file.read(e.stored_size)
-                if len(stored) != e.stored_size:
-                    raise _corrupt(self.path, "file is truncated")
-                if native.crc32c(stored) != e.crc32c:
-                    raise _corrupt(
-                        self.path, f"checksum mismatch in tensor {e.name}"
-                    )
+                stored = self._read_stored(e)
                 _check_frame_size(self.path, e, stored)
                 produced = 0
                 reader = zstandard.ZstdDecompressor().stream_reader(stored)
@@ -533,7 +607,7 @@ class CheckpointReader:
                     )
                 continue
             crc = 0
-            remaining = e.stored_size
+            remaining = e.stored_size + e.padding
             while remaining:
                 data = self._file.read(min(chunk, remaining))
                 if not data:

@@ -12,11 +12,19 @@ arrays are immutable; torch CPU tensors expose their storage), and drops that
 alias at once: TensorFlow copies a variable before updating it in place while
 another tensor still references its buffer, which would move the cost into
 the next training step.
+
+The buffers are anonymous memory mappings: each array starts on a page and
+is followed by zeros up to the next page, exactly as the tensor lies in a
+version 2 checkpoint file (`format`), so the writer hands each raw tensor to
+O_DIRECT from where it is, without a bounce copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
+import mmap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,13 +32,79 @@ from typing import Any
 import keras
 import numpy as np
 
-from fastbackup.format import dtype_from_name
+from fastbackup.format import ALIGNMENT, align_up, dtype_from_name
+
+log = logging.getLogger("fastbackup")
 
 # Variable groups, in the order they are stored. The group and the index in
 # it identify a variable across two instances of the same architecture;
 # Keras's variable paths embed auto-generated layer names ("dense_3") that
 # differ between instances, so they are kept for messages only.
 GROUPS = ("model", "optimizer", "metrics")
+
+# Transparent huge pages are advised for snapshot buffers at least this
+# large: one fault then backs 2 MiB instead of 4 KiB (allocation and fault-in
+# of fresh buffers measured in docs/benchmarks.md). Smaller mappings would
+# round up to a huge page for nothing.
+_HUGEPAGE_MIN_BYTES = 4 << 20
+
+
+def _map_anonymous(size: int, huge_pages: bool) -> mmap.mmap:
+    """A private, zero-filled, page-aligned mapping of `size` (> 0) bytes."""
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if (
+        huge_pages
+        and size >= _HUGEPAGE_MIN_BYTES
+        and hasattr(mmap, "MADV_HUGEPAGE")
+    ):
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError as e:
+            # A kernel built without transparent huge pages answers EINVAL;
+            # the mapping works the same with small pages.
+            if e.errno != errno.EINVAL:
+                raise
+            log.debug("transparent huge pages unavailable: %s", e)
+    return mapping
+
+
+def aligned_arrays(
+    specs: Sequence[tuple[tuple[int, ...], np.dtype]],
+    huge_pages: bool = True,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Empty arrays laid out as in a version 2 file, in one mapping.
+
+    Each array starts at a multiple of `format.ALIGNMENT` from the start of
+    a fresh anonymous mapping (so on a page), and is followed by zeros up to
+    the next multiple.
+
+    Args:
+        specs: `(shape, dtype)` of each array.
+        huge_pages: advise transparent huge pages for a mapping of at least
+            4 MiB (`MADV_HUGEPAGE`). Defaults to True.
+
+    Returns:
+        `(arrays, regions)`: the arrays, and for each the uint8 array of its
+        bytes and its padding (a page multiple; empty for an empty array).
+    """
+    sizes = [
+        int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        for shape, dtype in specs
+    ]
+    total = sum(align_up(n) for n in sizes)
+    backing = (
+        np.frombuffer(_map_anonymous(total, huge_pages), dtype=np.uint8)
+        if total
+        else np.zeros(0, np.uint8)
+    )
+    arrays, regions = [], []
+    offset = 0
+    for (shape, dtype), n in zip(specs, sizes):
+        region = backing[offset : offset + align_up(n)]
+        arrays.append(region[:n].view(dtype).reshape(shape))
+        regions.append(region)
+        offset += align_up(n)
+    return arrays, regions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +135,9 @@ class HostSnapshot:
     Attributes:
         specs: one `TensorSpec` per array.
         arrays: the host copies, reused from one save to the next.
+        regions: for each array, the page-aligned uint8 array of its bytes
+            and its zero padding (see `aligned_arrays`), or `None` where the
+            array is an ordinary one; may be shorter than `arrays`.
         epoch: the epoch recorded in the checkpoint (as Keras records it).
         batch: the last batch index seen in that epoch.
         metadata: extra msgpack-serialisable values saved with the state.
@@ -69,6 +146,7 @@ class HostSnapshot:
 
     specs: list[TensorSpec]
     arrays: list[np.ndarray]
+    regions: list[np.ndarray | None] = dataclasses.field(default_factory=list)
     epoch: int = 0
     batch: int = 0
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -78,21 +156,52 @@ class HostSnapshot:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
 
+    def padded_region(self, index: int) -> memoryview | None:
+        """Array `index`'s bytes and zero padding, if it lies in a region.
+
+        Returns:
+            A page-aligned buffer of a page multiple, starting with the
+            array's bytes, or `None` when the array is an ordinary one (or
+            was replaced without its region).
+        """
+        region = self._region(index)
+        return None if region is None else memoryview(region)
+
+    def _region(self, index: int) -> np.ndarray | None:
+        region = self.regions[index] if index < len(self.regions) else None
+        if region is None:
+            return None
+        array = self.arrays[index]
+        if (
+            region.nbytes != align_up(array.nbytes)
+            or region.ctypes.data != array.ctypes.data
+            or region.ctypes.data % ALIGNMENT
+        ):
+            return None
+        return region
+
     @classmethod
-    def allocate(cls, specs: list[TensorSpec]) -> HostSnapshot:
-        """Allocates buffers for `specs` and faults every page in.
+    def allocate(
+        cls, specs: list[TensorSpec], huge_pages: bool = True
+    ) -> HostSnapshot:
+        """Allocates aligned buffers for `specs` and faults every page in.
 
         One byte written per page is enough for the kernel to back it; numpy
         releases the GIL for the strided write, so this can run on the
-        writer thread while training goes on.
+        writer thread while training goes on. Only the arrays' own bytes
+        are touched: the padding stays zero.
+
+        Args:
+            specs: the layout of the state.
+            huge_pages: see `aligned_arrays`. Defaults to True.
         """
-        arrays = []
-        for spec in specs:
-            array = np.empty(spec.shape, dtype=spec.dtype)
+        arrays, regions = aligned_arrays(
+            [(s.shape, s.dtype) for s in specs], huge_pages
+        )
+        for array in arrays:
             if array.size:
                 array.reshape(-1).view(np.uint8)[::4096] = 0
-            arrays.append(array)
-        return cls(specs=list(specs), arrays=arrays)
+        return cls(specs=list(specs), arrays=arrays, regions=list(regions))
 
 
 def collect_variables(model: keras.Model) -> list[tuple[str, Any]]:
@@ -243,20 +352,30 @@ class Snapshotter:
         old = (
             {s.name: a for s, a in zip(into.specs, into.arrays)} if into else {}
         )
+        old_regions = (
+            {s.name: into._region(i) for i, s in enumerate(into.specs)}
+            if into
+            else {}
+        )
         specs: list[TensorSpec] = []
         arrays: list[np.ndarray] = []
+        regions: list[np.ndarray | None] = []
         for name, variable in variables:
             buf = old.get(name)
+            region = old_regions.get(name)
             view = self._read(variable)
             if buf is None or buf.shape != view.shape or buf.dtype != view.dtype:
-                buf = np.empty(view.shape, dtype=view.dtype)
+                # A new shape (rare: a rebuilt layer) gets a mapping of its
+                # own, aligned like the others, so it stays zero-copy.
+                (buf,), (region,) = aligned_arrays([(view.shape, view.dtype)])
             np.copyto(buf, view, casting="no")
             # Drop the alias at once (see the module docstring).
             del view
             arrays.append(buf)
+            regions.append(region)
             specs.append(_spec(name, variable, buf))
         snap = into if into is not None else HostSnapshot(specs, arrays)
-        snap.specs, snap.arrays = specs, arrays
+        snap.specs, snap.arrays, snap.regions = specs, arrays, regions
         snap.epoch, snap.batch = int(epoch), int(batch)
         snap.metadata = {}
         snap.taken_at = time.time()

@@ -137,11 +137,13 @@ def commit(
         sync: fsync the file and the directory.
         cancel: when set, the commit stops at the next group of segments,
             removes its temporary file and raises `WriteCancelled`.
-        direct: write with O_DIRECT through the extension's aligned
-            bounce buffer, bypassing the page cache: the kernel's copy into
-            the page cache costs the writing thread about 1 s of CPU per GB,
-            taken from training; the bounce copy costs about 0.2 s. Falls
-            back to buffered I/O where the filesystem refuses O_DIRECT.
+        direct: write with O_DIRECT, bypassing the page cache: the
+            kernel's copy into the page cache costs the writing thread about
+            1 s of CPU per GB, taken from training. Page-aligned segments
+            (the snapshot's raw tensors) are written from where they are;
+            the rest goes through the extension's aligned bounce buffer.
+            Falls back to buffered I/O where the filesystem refuses
+            O_DIRECT.
 
     Raises:
         OSError: with errno and file name; no temporary file is left behind

@@ -53,6 +53,12 @@
  * and the copy reads it from L2 (4 MiB here); 8 MiB would not stay hot. */
 #define COPY_PIECE ((size_t)256 << 10)
 
+/* Direct mode writes a buffer that starts on a DIRECT_ALIGN boundary, at an
+ * aligned file offset, straight from the caller's memory (no bounce copy)
+ * when at least this much of it is aligned. Below that, one more write(2)
+ * (the bounce buffer's pending blocks go first) costs more than copying. */
+#define ZERO_COPY_MIN ((size_t)256 << 10)
+
 typedef enum { AF_OPEN, AF_COMMITTED, AF_ABORTED } af_state;
 
 typedef enum {
@@ -228,15 +234,15 @@ write_all(AtomicFileObject *self, const char *p, size_t len)
     return 0;
 }
 
-/* Writes the first `len` bytes of the bounce buffer, which start at a
- * DIRECT_ALIGN-aligned file offset while O_DIRECT is on. Returns 0 or an
- * errno. Whatever O_DIRECT cannot take (an unaligned tail, a short write that
- * left the offset unaligned, a failpoint cap under one block) is written
- * buffered after clearing O_DIRECT for the rest of the file: correctness
- * over speed on paths that are rare or test-only. Does not touch
- * bytes_written, which counted these bytes when they were copied in. */
+/* Writes `len` bytes from `buf`, a DIRECT_ALIGN-aligned address, at the
+ * current file offset, which is aligned too while O_DIRECT is on. Returns 0
+ * or an errno. Whatever O_DIRECT cannot take (an unaligned tail, a short
+ * write that left the offset unaligned, a failpoint cap under one block) is
+ * written buffered after clearing O_DIRECT for the rest of the file:
+ * correctness over speed on paths that are rare or test-only. Does not touch
+ * bytes_written. */
 static int
-flush_bounce(AtomicFileObject *self, size_t len)
+write_aligned(AtomicFileObject *self, const char *buf, size_t len)
 {
     size_t off = 0;
 
@@ -258,7 +264,7 @@ flush_bounce(AtomicFileObject *self, size_t len)
             }
         }
 #endif
-        done = write_once(self->fd, self->bounce + off, n);
+        done = write_once(self->fd, buf + off, n);
         if (done < 0)
             return errno;
         off += (size_t)done;
@@ -266,9 +272,55 @@ flush_bounce(AtomicFileObject *self, size_t len)
     return 0;
 }
 
-/* Direct mode: streams the buffers through the bounce buffer, writing it
- * each time it fills; a partial block waits there for the next write() or
- * commit(). Returns 0 or an errno. */
+/* Writes the first `len` bytes of the bounce buffer (see write_aligned);
+ * bytes_written counted them when they were copied in. */
+static int
+flush_bounce(AtomicFileObject *self, size_t len)
+{
+    return write_aligned(self, self->bounce, len);
+}
+
+/* Direct mode, zero copy: writes the aligned part of a buffer that starts
+ * on an aligned address at an aligned file offset straight from the caller's
+ * memory, checksumming each CHUNK_SIZE piece just before its write(2) so the
+ * CRC and the DMA read it close together. Pending bounce blocks go first to
+ * keep the file in order. Returns the bytes consumed (a multiple of
+ * DIRECT_ALIGN, possibly 0) and sets *err. */
+static size_t
+write_zero_copy(AtomicFileObject *self, const char *p, size_t len,
+                uint32_t *crc, int *err)
+{
+    size_t aligned = len - len % DIRECT_ALIGN, done = 0;
+
+    *err = 0;
+    if (!self->odirect_on || aligned < ZERO_COPY_MIN ||
+        (uintptr_t)p % DIRECT_ALIGN != 0 ||
+        self->bounce_fill % DIRECT_ALIGN != 0)
+        return 0;
+    if (self->bounce_fill > 0) {
+        *err = flush_bounce(self, self->bounce_fill);
+        if (*err)
+            return 0;
+        self->bounce_fill = 0;
+    }
+    while (done < aligned) {
+        size_t n = aligned - done < CHUNK_SIZE ? aligned - done : CHUNK_SIZE;
+
+        if (crc != NULL)
+            *crc = fb_crc32c(*crc, p + done, n);
+        *err = write_aligned(self, p + done, n);
+        if (*err)
+            return done;
+        done += n;
+        self->bytes_written += n;
+    }
+    return done;
+}
+
+/* Direct mode: writes an aligned buffer's aligned part from where it is
+ * (write_zero_copy), and streams everything else through the bounce buffer,
+ * writing it each time it fills; a partial block waits there for the next
+ * write() or commit(). Returns 0 or an errno. */
 static int
 write_views_direct(AtomicFileObject *self, const Py_buffer *views,
                    Py_ssize_t count, uint32_t *crcs)
@@ -277,6 +329,14 @@ write_views_direct(AtomicFileObject *self, const Py_buffer *views,
         const char *p = views[i].buf;
         size_t left = (size_t)views[i].len;
         uint32_t crc = 0;
+        int err;
+        size_t direct = write_zero_copy(self, p, left,
+                                        crcs != NULL ? &crc : NULL, &err);
+
+        if (err)
+            return err;
+        p += direct;
+        left -= direct;
 
         while (left > 0) {
             size_t n = BOUNCE_SIZE - self->bounce_fill;
@@ -927,9 +987,12 @@ PyDoc_STRVAR(AtomicFile_doc,
 "'.{final_name}.{16 hex}.tmp' in `directory`, which commit() syncs and\n"
 "renames over `final_name`. Leaving a `with` block, abort() or dropping the\n"
 "object without commit() removes the temporary file.\n\n"
-"direct=True writes with O_DIRECT through an 8 MiB aligned bounce buffer,\n"
-"sparing the calling thread the page-cache copy; the last partial block\n"
-"is written at commit(). Where the filesystem refuses O_DIRECT the file\n"
+"direct=True writes with O_DIRECT, sparing the calling thread the\n"
+"page-cache copy: a buffer that starts on a 4096-byte boundary, at a file\n"
+"offset that is one too, goes out from where it is (its whole blocks, if\n"
+"at least 256 KiB); everything else goes through an 8 MiB aligned bounce\n"
+"buffer, whose last partial block is written at commit(). Where the\n"
+"filesystem refuses O_DIRECT the file\n"
 "is written buffered and the `direct` property is False. Because data\n"
 "waits in the bounce buffer, a write error may surface only at commit().");
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import struct
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
+import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from fastbackup import format as fmt  # noqa: E402
+from fastbackup._compat import native  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +104,11 @@ class InterruptAt(keras.callbacks.Callback):
             raise RuntimeError("Interrupting!")
 
 
+# A byte of the first tensor (model.0, the first kernel) in a checkpoint:
+# byte 24 of its stored bytes, after the version 2 prefix and its padding.
+TENSOR_BYTE = 4096 + 24
+
+
 def flip_byte(path, offset: int) -> None:
     """Damages a file in place: flips one bit of the byte at `offset`."""
     with open(path, "r+b") as f:
@@ -106,3 +116,38 @@ def flip_byte(path, offset: int) -> None:
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0x10]))
+
+
+def write_v1_file(path: str, tensors, step: int, epoch: int, batch: int,
+                  created: float, extra: dict) -> None:
+    """The version 1 layout, for files the checked-in one cannot cover.
+
+    `tensors`: `(name, path, dtype, shape, codec, stored bytes, raw size)`.
+    `test_fmt.test_v1_helper_matches_the_old_encoder` pins it to the real encoder.
+    """
+    payload, entries, offset = [], [], fmt.PREFIX_SIZE
+    for name, vpath, dtype, shape, codec, stored, raw in tensors:
+        entries.append([name, vpath, dtype, list(shape), codec, offset,
+                        len(stored), raw, native.crc32c(stored)])
+        payload.append(stored)
+        offset += len(stored)
+    header = msgpack.packb(
+        {"format": 1, "step": step, "epoch": epoch, "batch": batch,
+         "created": created, "extra": extra, "tensors": entries},
+        use_bin_type=True)
+    head = struct.pack("<QQII", offset, len(header), native.crc32c(header), 1)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<8sII", fmt.MAGIC, 1, 0) + b"".join(payload)
+                + header + head
+                + struct.pack("<II8s", native.crc32c(head), 0, fmt.FOOTER_MAGIC))
+
+
+def stored_tensors(path: str):
+    """`write_v1_file`'s input, from any readable checkpoint."""
+    out = []
+    with fmt.CheckpointReader(path) as reader, open(path, "rb") as f:
+        for e in reader.entries:
+            f.seek(e.offset)
+            out.append((e.name, e.path, e.dtype, e.shape, e.codec,
+                        f.read(e.stored_size), e.raw_size))
+        return out, reader.meta

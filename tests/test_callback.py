@@ -16,6 +16,7 @@ from fastbackup import restore, storage
 from fastbackup import writer as writer_lib
 from fastbackup.format import CheckpointReader
 from tests.conftest import (
+    TENSOR_BYTE,
     InterruptAt,
     all_state,
     assert_state_equal,
@@ -264,7 +265,7 @@ def _train_two_checkpoints(tmp_path):
 
 def test_double_checkpoint_restores_previous_when_newest_damaged(tmp_path):
     x, y, ckpts, previous = _train_two_checkpoints(tmp_path)
-    flip_byte(ckpts[0][1], 100)
+    flip_byte(ckpts[0][1], TENSOR_BYTE)
     fresh = fresh_model()
     cb = fastbackup.BackupAndRestore(tmp_path, double_checkpoint=True,
                                      delete_checkpoint=False)
@@ -283,7 +284,7 @@ def test_damaged_checkpoint_raises_without_double_checkpoint(tmp_path, damage):
         fastbackup.BackupAndRestore(tmp_path, delete_checkpoint=False)])
     [(_, path)] = storage.list_checkpoints(str(tmp_path))
     if damage == "flip":
-        flip_byte(path, 40)
+        flip_byte(path, TENSOR_BYTE)
     else:
         os.truncate(path, os.path.getsize(path) // 2)
     fresh = fresh_model()

@@ -20,7 +20,7 @@ from fastbackup import cli, storage
 from fastbackup import format as fmt
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import HostSnapshot, TensorSpec, collect_variables
-from tests.conftest import flip_byte, make_data, make_model
+from tests.conftest import TENSOR_BYTE, flip_byte, make_data, make_model
 
 # Helpers ---------------------------------------------------------------------
 
@@ -114,6 +114,7 @@ def test_inspect_json_matches_the_checkpoint(backup, capsys):
         assert (newest["epoch"], newest["batch"]) == (reader.epoch, reader.batch)
         assert newest["created"] == reader.meta["created"]
         assert newest["file_size"] == reader.file_size
+        assert newest["format_version"] == reader.version == fmt.VERSION
         assert newest["tensors"] == [
             {"name": e.name, "path": e.path, "dtype": e.dtype,
              "shape": list(e.shape), "codec": e.codec,
@@ -150,7 +151,7 @@ def test_inspect_shows_compressed_tensors(tmp_path, capsys):
 
 
 def test_inspect_reports_damage_and_exits_1(backup, capsys):
-    flip_byte(checkpoint_path(backup, 1), 40)
+    flip_byte(checkpoint_path(backup, 1), TENSOR_BYTE)
     code, out, _ = run(capsys, "inspect", "--json", backup)
     assert code == 1
     newest, older = json.loads(out)["checkpoints"]
@@ -160,7 +161,7 @@ def test_inspect_reports_damage_and_exits_1(backup, capsys):
 
 
 def test_inspect_no_verify_skips_checksums(backup, capsys):
-    flip_byte(checkpoint_path(backup, 1), 40)
+    flip_byte(checkpoint_path(backup, 1), TENSOR_BYTE)
     code, out, _ = run(capsys, "inspect", "--json", "--no-verify", backup)
     assert code == 0
     assert {c["status"] for c in json.loads(out)["checkpoints"]} == {"unverified"}
@@ -195,7 +196,7 @@ def test_verify_names_damaged_checkpoint_and_why(backup, capsys, damage, reason)
     path = checkpoint_path(backup, 1)
     size = os.path.getsize(path)
     if damage == "flip_tensor":
-        flip_byte(path, 40)
+        flip_byte(path, TENSOR_BYTE)
     elif damage == "flip_header":
         flip_byte(path, size - fmt.FOOTER_SIZE - 5)
     elif damage == "truncate":
@@ -212,7 +213,7 @@ def test_verify_names_damaged_checkpoint_and_why(backup, capsys, damage, reason)
 
 
 def test_verify_json(backup, capsys):
-    flip_byte(checkpoint_path(backup, 0), 40)
+    flip_byte(checkpoint_path(backup, 0), TENSOR_BYTE)
     code, out, _ = run(capsys, "verify", "--json", backup)
     assert code == 1
     data = json.loads(out)
@@ -244,7 +245,7 @@ def test_verify_directory_with_only_a_lock_file(tmp_path, capsys):
 
 def test_verify_single_damaged_file(backup, capsys):
     path = checkpoint_path(backup, 0)
-    flip_byte(path, 40)
+    flip_byte(path, TENSOR_BYTE)
     code, out, _ = run(capsys, "verify", path)
     assert code == 1 and "DAMAGED  ckpt-000000000000.fbk" in out
 
@@ -391,7 +392,7 @@ def test_export_with_saved_keras_model(backup, tmp_path, capsys):
 
 def test_export_skips_a_damaged_newest_checkpoint(backup, tmp_path, capsys,
                                                   factory):
-    flip_byte(checkpoint_path(backup, 1), 40)
+    flip_byte(checkpoint_path(backup, 1), TENSOR_BYTE)
     out_file = tmp_path / "out.weights.h5"
     code, out, err = run(capsys, "export", backup, out_file,
                          "--model-factory", f"{factory}:build")
@@ -415,7 +416,7 @@ def test_export_step_selects_a_checkpoint(backup, tmp_path, capsys, factory):
 def test_export_fails_when_every_checkpoint_is_damaged(backup, tmp_path, capsys,
                                                         factory):
     for step in (0, 1):
-        flip_byte(checkpoint_path(backup, step), 40)
+        flip_byte(checkpoint_path(backup, step), TENSOR_BYTE)
     out_file = tmp_path / "out.weights.h5"
     code, _, err = run(capsys, "export", backup, out_file,
                        "--model-factory", f"{factory}:build")
@@ -648,7 +649,7 @@ def test_bench_without_harness_exits_2(tmp_path, monkeypatch, capsys):
 
 
 def test_python_dash_m_fastbackup_verify(backup):
-    flip_byte(checkpoint_path(backup, 1), 40)
+    flip_byte(checkpoint_path(backup, 1), TENSOR_BYTE)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
         [sys.executable, "-m", "fastbackup", "verify", str(backup)],
@@ -657,3 +658,38 @@ def test_python_dash_m_fastbackup_verify(backup):
     assert proc.returncode == 1, proc.stderr
     assert "DAMAGED  ckpt-000000000001.fbk  checksum mismatch" in proc.stdout
     assert "ok       ckpt-000000000000.fbk" in proc.stdout
+
+
+# Version 1 files -----------------------------------------------------------------
+
+
+def test_version_1_backup_inspect_verify_export(backup, capsys, tmp_path,
+                                                factory):
+    # A backup written before the format's version 2 (aligned tensors) is
+    # still inspected, verified and exported.
+    from tests.conftest import stored_tensors, write_v1_file
+
+    for step in (0, 1):
+        path = checkpoint_path(backup, step)
+        tensors, meta = stored_tensors(path)
+        write_v1_file(path, tensors, meta["step"], meta["epoch"], meta["batch"],
+                      meta["created"], meta["extra"])
+        with CheckpointReader(path) as reader:
+            assert reader.version == 1
+    code, out, _ = run(capsys, "verify", backup)
+    assert code == 0, out
+    code, out, _ = run(capsys, "inspect", "--json", backup)
+    assert code == 0
+    checkpoints = json.loads(out)["checkpoints"]
+    assert {c["status"] for c in checkpoints} == {"ok"}
+    assert {c["format_version"] for c in checkpoints} == {1}
+    out_file = tmp_path / "out.weights.h5"
+    code, out, err = run(capsys, "export", backup, out_file,
+                         "--model-factory", f"{factory}:build")
+    assert code == 0, err
+    assert "exported ckpt-000000000001.fbk (step 1, epoch 2, batch 0" in out
+    assert_matches_checkpoint(out_file, checkpoint_path(backup, 1))
+    flip_byte(checkpoint_path(backup, 1), fmt.PREFIX_SIZE + 24)
+    code, out, _ = run(capsys, "verify", backup)
+    assert code == 1
+    assert "DAMAGED  ckpt-000000000001.fbk  checksum mismatch in tensor model.0" in out

@@ -27,12 +27,26 @@ from fastbackup._compat import native
 from fastbackup.errors import CheckpointCorruptError
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import HostSnapshot, TensorSpec, collect_variables
-from tests.conftest import all_state, assert_state_equal, fresh_model, make_data, make_model
+from tests.conftest import (
+    all_state,
+    assert_state_equal,
+    fresh_model,
+    make_data,
+    make_model,
+    stored_tensors,
+    write_v1_file,
+)
 
-# Bytes that version 1 readers do not interpret (docs/format.md): the
-# prefix's flags and the footer's reserved field. Damage there must leave
-# the state unchanged; damage anywhere else must be detected.
+# Bytes that readers do not interpret (docs/format.md): the prefix's flags
+# and the footer's reserved field. Damage there must leave the state
+# unchanged; damage anywhere else must be detected.
 PREFIX_FLAGS = range(12, 16)
+
+# A version 1 file written by the version 1 encoder (fastbackup at commit
+# 1c8cce0, `format.encode` + `storage.commit`) from `_snapshot()` with
+# `taken_at=1700000000.25`, step 3, zstd level 1 with every tensor that
+# shrinks compressed (so optimizer.1 is a zstd frame).
+V1_FILE = os.path.join(os.path.dirname(__file__), "data", "v1-step3.fbk")
 
 
 def _reserved(size: int) -> range:
@@ -57,18 +71,34 @@ def _snapshot() -> HostSnapshot:
                         batch=5, metadata={"position": "batch_end"})
 
 
-@pytest.fixture
-def good(tmp_path):
-    """A small valid checkpoint: (path, bytes, expected tensors)."""
+class _AlwaysCompress(fmt.CompressionPolicy):
+    """Compresses whatever shrinks: no timing in the codec decision."""
+
+    def _pays(self, data) -> bool:
+        return True
+
+
+@pytest.fixture(params=["v2", "v1"])
+def good(request, tmp_path):
+    """A small valid checkpoint: (path, bytes, expected tensors).
+
+    "v2" is written by this fastbackup, "v1" by the version 1 encoder.
+    """
     snap = _snapshot()
-    encoded = fmt.encode(snap, fmt.CompressionPolicy(1), step=3)
-    result = storage.commit(str(tmp_path), 3, encoded, sync=False)
-    data = open(result.path, "rb").read()
+    if request.param == "v2":
+        encoded = fmt.encode(snap, _AlwaysCompress(1), step=3)
+        path = storage.commit(str(tmp_path), 3, encoded, sync=False).path
+    else:
+        path = str(tmp_path / storage.checkpoint_name(3))
+        with open(V1_FILE, "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read())
+    data = open(path, "rb").read()
     expected = {s.name: a for s, a in zip(snap.specs, snap.arrays)}
-    with CheckpointReader(result.path) as reader:
+    with CheckpointReader(path) as reader:
         codecs = {e.name: e.codec for e in reader.entries}
+        assert reader.version == int(request.param[1])
     assert codecs["optimizer.1"] == "zstd" and codecs["model.0"] == "raw"
-    return result.path, data, expected
+    return path, data, expected
 
 
 def load(path: str) -> tuple[tuple[int, int, int], dict[str, np.ndarray]]:
@@ -121,10 +151,13 @@ def test_valid_checkpoint_loads_exactly(good):
 def test_truncation_at_every_offset_is_detected(good, tmp_path):
     path, data, expected = good
     damaged = str(tmp_path / "truncated.fbk")
+    with open(damaged, "wb") as f:
+        f.write(data)
     outcomes = {}
-    for size in range(len(data)):
-        with open(damaged, "wb") as f:
-            f.write(data[:size])
+    # Shrinking one file in place: a version 2 file is tens of KB (its
+    # padding), and rewriting it at each of its offsets would take minutes.
+    for size in reversed(range(len(data))):
+        os.truncate(damaged, size)
         outcomes[size] = _outcome(damaged, expected)
     assert set(outcomes.values()) == {"corrupt"}, [
         s for s, o in outcomes.items() if o != "corrupt"]
@@ -147,8 +180,10 @@ def test_random_bit_flips_are_detected(good, tmp_path):
         counts[outcome] += 1
         if offset not in ignored:
             assert outcome == "corrupt", f"flip at offset {offset} not detected"
-    # Multi-byte damage: random bursts of garbage, and zeroed ranges.
-    for _ in range(500):
+    # Multi-byte damage: random bursts of garbage, and zeroed ranges; 500
+    # that change the file (zeroing padding changes nothing).
+    bursts = 0
+    while bursts < 500:
         offset = rng.randrange(len(data))
         length = rng.randrange(1, 64)
         buf = bytearray(data)
@@ -159,6 +194,7 @@ def test_random_bit_flips_are_detected(good, tmp_path):
             buf[offset:end] = bytes(end - offset)
         if buf == data:
             continue
+        bursts += 1
         with open(damaged, "wb") as f:
             f.write(buf)
         outcome = _outcome(damaged, expected)
@@ -190,8 +226,20 @@ def test_future_format_version_asks_for_an_upgrade(good, tmp_path):
     _, data, _ = good
     p = str(tmp_path / "future.fbk")
     with open(p, "wb") as f:
-        f.write(data[:8] + struct.pack("<I", 2) + data[12:])
-    with pytest.raises(CheckpointCorruptError, match="version 2 is not supported.*upgrade"):
+        f.write(data[:8] + struct.pack("<I", 3) + data[12:])
+    with pytest.raises(CheckpointCorruptError, match="version 3 is not supported.*upgrade"):
+        load(p)
+
+
+def test_prefix_and_footer_versions_must_agree(good, tmp_path):
+    # A version 1 prefix on a version 2 body (or the reverse) would make the
+    # reader apply the wrong layout; the footer's CRC'd version catches it.
+    _, data, _ = good
+    other = 1 if struct.unpack("<I", data[8:12])[0] == 2 else 2
+    p = str(tmp_path / "mixed.fbk")
+    with open(p, "wb") as f:
+        f.write(data[:8] + struct.pack("<I", other) + data[12:])
+    with pytest.raises(CheckpointCorruptError, match="footer checksum mismatch"):
         load(p)
 
 
@@ -204,14 +252,24 @@ def _entry(name="model.0", path="seq/w", dtype="float32", shape=(4,),
 
 
 def craft(tensors=None, payload=b"", header=None, *, raw_header=None,
-          version=1, h_off=None, h_len=None, f_version=1) -> bytes:
-    """A file whose footer and header checksums are valid."""
+          version=1, h_off=None, h_len=None, f_version=None,
+          prefix_padding=None) -> bytes:
+    """A file whose footer and header checksums are valid.
+
+    Version 2 files get the prefix's zero padding (or `prefix_padding`);
+    `payload` must then hold the tensors' padding too.
+    """
     if raw_header is None:
         if header is None:
-            header = {"format": 1, "step": 0, "epoch": 0, "batch": 0,
+            header = {"format": version, "step": 0, "epoch": 0, "batch": 0,
                       "created": 0.0, "extra": {}, "tensors": tensors or []}
         raw_header = msgpack.packb(header, use_bin_type=True)
     prefix = struct.pack("<8sII", fmt.MAGIC, version, 0)
+    if version >= 2:
+        prefix += bytes(fmt.ALIGNMENT - len(prefix)) if prefix_padding is None \
+            else prefix_padding
+    if f_version is None:
+        f_version = version
     head = struct.pack(
         "<QQII",
         len(prefix) + len(payload) if h_off is None else h_off,
@@ -222,10 +280,21 @@ def craft(tensors=None, payload=b"", header=None, *, raw_header=None,
     return prefix + payload + raw_header + footer
 
 
-def _raw_tensor(values: np.ndarray, name="model.0"):
+def _raw_tensor(values: np.ndarray, name="model.0", version=1, offset=None):
+    """`(entry, payload)` of one raw tensor at the start of the payload.
+
+    Version 2: the payload and the CRC include the zero padding.
+    """
     b = values.tobytes()
+    if version >= 2:
+        b += bytes(fmt.align_up(len(b)) - len(b))
+        default_offset = fmt.ALIGNMENT
+    else:
+        default_offset = fmt.PREFIX_SIZE
     return _entry(name=name, dtype=values.dtype.name, shape=values.shape,
-                  stored=len(b), raw=len(b), crc=native.crc32c(b)), b
+                  offset=default_offset if offset is None else offset,
+                  stored=values.nbytes, raw=values.nbytes,
+                  crc=native.crc32c(b)), b
 
 
 def _zstd_frame_declaring(declared: int | None, content: bytes) -> bytes:
@@ -266,16 +335,18 @@ def _check_crafted(tmp_path, content: bytes, match: str | None = None,
     return info.value
 
 
-def test_crafted_valid_file_loads(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_crafted_valid_file_loads(tmp_path, version):
     # The crafting helper itself makes loadable files, so each hostile
     # variant below fails for its one hostile field.
     values = np.arange(4, dtype="float32")
-    entry, payload = _raw_tensor(values)
+    entry, payload = _raw_tensor(values, version=version)
     p = str(tmp_path / "ok.fbk")
     with open(p, "wb") as f:
-        f.write(craft([entry], payload))
+        f.write(craft([entry], payload, version=version))
     position, tensors = load(p)
-    assert position == (0, 0, 0) and tensors["model.0"].tobytes() == payload
+    assert position == (0, 0, 0)
+    assert tensors["model.0"].tobytes() == values.tobytes()
 
 
 def test_footer_claiming_huge_header(tmp_path):
@@ -402,10 +473,11 @@ def test_hostile_variable_paths(tmp_path, vpath):
     (8, 2**32, "invalid sizes or checksum"),
     (8, 12345, "checksum mismatch"),
 ])
-def test_hostile_tensor_fields(tmp_path, field, value, match):
-    entry, payload = _raw_tensor(np.arange(4, dtype="float32"))
+@pytest.mark.parametrize("version", [1, 2])
+def test_hostile_tensor_fields(tmp_path, field, value, match, version):
+    entry, payload = _raw_tensor(np.arange(4, dtype="float32"), version=version)
     entry[field] = value
-    _check_crafted(tmp_path, craft([entry], payload), match)
+    _check_crafted(tmp_path, craft([entry], payload, version=version), match)
 
 
 @pytest.mark.parametrize("header,match", [
@@ -435,6 +507,162 @@ def test_duplicate_and_overlapping_tensors(tmp_path):
     b[0] = "model.1"
     b[5] = 16  # overlaps the first tensor
     _check_crafted(tmp_path, craft([a, b], pa + pb), "offset mismatch")
+
+
+def _v2_pair():
+    """Two raw version 2 tensors: entries and the payload with padding."""
+    a, pa = _raw_tensor(np.arange(4, dtype="float32"), version=2)
+    b, pb = _raw_tensor(np.arange(3, dtype="int64"), name="model.1", version=2,
+                        offset=fmt.ALIGNMENT + len(pa))
+    return a, b, pa + pb
+
+
+def test_v2_crafted_pair_loads(tmp_path):
+    a, b, payload = _v2_pair()
+    p = str(tmp_path / "pair.fbk")
+    with open(p, "wb") as f:
+        f.write(craft([a, b], payload, version=2))
+    _, tensors = load(p)
+    assert tensors["model.1"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("offset", [
+    fmt.ALIGNMENT + 16,       # where version 1 would put it, unaligned
+    fmt.ALIGNMENT + 4096 + 512,  # aligned to 512 only
+    2 * fmt.ALIGNMENT + 4096,    # a page of padding too many
+    fmt.ALIGNMENT,            # overlaps the first tensor
+])
+def test_v2_tensor_offsets_must_follow_the_padding(tmp_path, offset):
+    a, b, payload = _v2_pair()
+    b[5] = offset
+    _check_crafted(tmp_path, craft([a, b], payload, version=2), "offset mismatch")
+
+
+def test_v2_header_must_start_after_the_last_padding(tmp_path):
+    a, b, payload = _v2_pair()
+    # The header right after the last tensor's stored bytes, unpadded; and
+    # a page of extra zeros before it.
+    for body in (payload[: fmt.ALIGNMENT + 24], payload + bytes(fmt.ALIGNMENT)):
+        _check_crafted(tmp_path, craft([a, b], body, version=2),
+                       "payload size does not match")
+    # A version 2 header that claims to start inside the prefix's padding.
+    empty = craft([], b"", version=2)
+    for h_off in (fmt.PREFIX_SIZE, fmt.ALIGNMENT - 1):
+        _check_crafted(tmp_path, craft([], b"", version=2, h_off=h_off),
+                       "header bounds")
+    assert len(empty) > fmt.ALIGNMENT
+
+
+def test_v2_nonzero_prefix_padding(tmp_path):
+    a, b, payload = _v2_pair()
+    for at in (0, 100, fmt.ALIGNMENT - fmt.PREFIX_SIZE - 1):
+        padding = bytearray(fmt.ALIGNMENT - fmt.PREFIX_SIZE)
+        padding[at] = 1
+        _check_crafted(tmp_path, craft([a, b], payload, version=2,
+                                       prefix_padding=bytes(padding)),
+                       "prefix padding is not zero")
+
+
+def test_v2_tensor_padding_is_covered_by_the_crc(tmp_path):
+    a, b, payload = _v2_pair()
+    bad = bytearray(payload)
+    bad[16] = 0xFF  # model.0's padding, after its 16 stored bytes
+    p = str(tmp_path / "pad.fbk")
+    with open(p, "wb") as f:
+        f.write(craft([a, b], bytes(bad), version=2))
+    with CheckpointReader(p) as reader:
+        for read in (
+            lambda e: reader.read_tensor(e, np.empty(e.shape, e.np_dtype)),
+            reader.verified_view,
+        ):
+            with pytest.raises(CheckpointCorruptError,
+                               match="checksum mismatch in tensor model.0"):
+                read(reader.entries[0])
+        with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
+            reader.verify()
+    # A CRC over the stored bytes alone (version 1's) is wrong in version 2.
+    a[8] = native.crc32c(np.arange(4, dtype="float32").tobytes())
+    _check_crafted(tmp_path, craft([a, b], payload, version=2),
+                   "checksum mismatch in tensor model.0")
+
+
+def test_v2_zstd_tensor_padding(tmp_path):
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(
+        bytes(400))
+    slot = frame + bytes(fmt.align_up(len(frame)) - len(frame))
+    entry = _entry(shape=(100,), codec="zstd", offset=fmt.ALIGNMENT,
+                   stored=len(frame), raw=400, crc=native.crc32c(slot))
+    p = str(tmp_path / "z.fbk")
+    with open(p, "wb") as f:
+        f.write(craft([entry], slot, version=2))
+    _, tensors = load(p)
+    assert tensors["model.0"].tobytes() == bytes(400)
+    bad = bytearray(slot)
+    bad[-1] = 1
+    _check_crafted(tmp_path, craft([entry], bytes(bad), version=2),
+                   "checksum mismatch")
+
+
+def test_written_file_is_aligned(tmp_path):
+    snap = _snapshot()
+    encoded = fmt.encode(snap, _AlwaysCompress(1), step=3)
+    path = storage.commit(str(tmp_path), 3, encoded, sync=False).path
+    data = open(path, "rb").read()
+    with CheckpointReader(path) as reader:
+        assert reader.version == fmt.VERSION == 2
+        assert data[fmt.PREFIX_SIZE:fmt.ALIGNMENT] == bytes(
+            fmt.ALIGNMENT - fmt.PREFIX_SIZE)
+        end = fmt.ALIGNMENT
+        for e in reader.entries:
+            assert e.offset == end and e.offset % fmt.ALIGNMENT == 0
+            assert e.padding == fmt.align_up(e.stored_size) - e.stored_size
+            pad = data[e.offset + e.stored_size:e.offset + e.stored_size + e.padding]
+            assert pad == bytes(e.padding)
+            end += e.stored_size + e.padding
+        footer = data[-fmt.FOOTER_SIZE:]
+        assert struct.unpack("<Q", footer[:8])[0] == end
+
+
+def test_v1_helper_matches_the_old_encoder(tmp_path):
+    tensors, meta = stored_tensors(V1_FILE)
+    p = str(tmp_path / "again.fbk")
+    write_v1_file(p, tensors, meta["step"], meta["epoch"], meta["batch"],
+              meta["created"], meta["extra"])
+    assert open(p, "rb").read() == open(V1_FILE, "rb").read()
+
+
+def test_v1_file_reads_exactly(tmp_path):
+    expected = {s.name: a for s, a in zip(_snapshot().specs, _snapshot().arrays)}
+    with CheckpointReader(V1_FILE) as reader:
+        assert reader.version == 1
+        assert [e.offset for e in reader.entries][0] == fmt.PREFIX_SIZE
+        assert all(e.padding == 0 for e in reader.entries)
+        assert reader.meta["created"] == 1700000000.25
+        for e in reader.entries:
+            view = reader.verified_view(e)
+            assert view.tobytes() == expected[e.name].tobytes()
+            del view
+        reader.verify()
+    assert _same(load(V1_FILE), expected)
+
+
+def test_v1_backup_restores_into_a_model(tmp_path, two_checkpoints):
+    # A backup written by the version 1 writer resumes training exactly.
+    files, first, newest = two_checkpoints
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        tensors, meta = stored_tensors(str(tmp_path / name))
+        write_v1_file(str(backup / name), tensors, meta["step"], meta["epoch"],
+                  meta["batch"], meta["created"], meta["extra"])
+        with CheckpointReader(str(backup / name)) as reader:
+            assert reader.version == 1
+    model = fresh_model()
+    model.optimizer.build(model.trainable_variables)
+    reader = restore.restore_latest(str(backup), model, fall_back=False)
+    assert (reader.version, reader.step, reader.epoch) == (1, 1, 2)
+    assert_state_equal(all_state(model), newest)
 
 
 def test_payload_checksum_mismatch_never_reaches_the_caller(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import gc
 import importlib
+import mmap
 import os
 import pathlib
 import re
@@ -699,7 +700,9 @@ def test_direct_checksum_false(native, disk_dir):
 def test_direct_uses_odirect_then_clears_it_for_tail(native, disk_dir):
     f = native.AtomicFile(disk_dir, "x", direct=True)
     assert f.direct and odirect_flag(f.temp_path)
-    f.write(rand_chunks([BOUNCE + 4097]))
+    # One byte off alignment, so that the bytes go through the bounce buffer
+    # (numpy may hand out page-aligned memory, which would not).
+    f.write([mapped(BOUNCE + 4097, shift=1)])
     # The full bounce buffer went out with O_DIRECT; 4097 bytes wait in memory.
     assert os.path.getsize(f.temp_path) == BOUNCE
     assert f.bytes_written == BOUNCE + 4097
@@ -860,3 +863,127 @@ def test_direct_short_write_then_failure(native, disk_dir):
     assert info.value.errno == errno.EIO
     assert files_in(disk_dir) == ["ckpt"]
     assert (disk_dir / "ckpt").read_bytes() == b"previous"
+
+
+# Direct mode, zero copy: an aligned buffer goes to O_DIRECT from where it is --
+
+ZERO_COPY_MIN = 256 << 10  # native/atomic_file.c ZERO_COPY_MIN
+
+
+def mapped(nbytes: int, seed: int = 0, shift: int = 0) -> np.ndarray:
+    """Random bytes in an anonymous mapping, starting `shift` bytes into it.
+
+    A mapping starts on a page: `shift=0` gives a page-aligned buffer, any
+    other shift an unaligned one.
+    """
+    mapping = mmap.mmap(-1, shift + nbytes + 4096)
+    out = np.frombuffer(mapping, np.uint8, count=nbytes, offset=shift)
+    out[:] = np.random.default_rng(seed).integers(0, 256, nbytes, np.uint8)
+    return out
+
+
+def on_disk(f) -> int:
+    return os.path.getsize(f.temp_path)
+
+
+def test_direct_aligned_buffer_skips_the_bounce_buffer(native, disk_dir):
+    # An aligned buffer is on disk as soon as write() returns; the same
+    # bytes one byte off alignment wait in the bounce buffer (under 8 MiB).
+    size = 1 << 20
+    f = native.AtomicFile(disk_dir, "aligned", direct=True)
+    data = mapped(size)
+    assert data.ctypes.data % 4096 == 0
+    assert f.write([data]) == [native.crc32c(data)]
+    assert on_disk(f) == size and odirect_flag(f.temp_path)
+    f.commit()
+    g = native.AtomicFile(disk_dir, "shifted", direct=True)
+    shifted = mapped(size, shift=1)
+    assert g.write([shifted]) == [native.crc32c(shifted)]
+    assert on_disk(g) == 0
+    g.commit()
+    assert (disk_dir / "aligned").read_bytes() == data.tobytes()
+    assert (disk_dir / "shifted").read_bytes() == shifted.tobytes()
+
+
+# (buffer sizes, which are mapped page-aligned, bytes on disk after write())
+ZERO_COPY_CASES = {
+    # The aligned part goes straight out; the 5-byte tail waits in bounce.
+    "tail": ([(1 << 20) + 5], 1 << 20),
+    # Aligned but small: copied; the large one after it goes straight out,
+    # preceded by the bounce buffer's pending block.
+    "small-then-large": ([4096, 1 << 20], (1 << 20) + 4096),
+    # One pending byte makes the file offset unaligned: no zero copy.
+    "unaligned-offset": ([1, 1 << 20], 0),
+    "below-threshold": ([ZERO_COPY_MIN - 4096], 0),
+    "at-threshold": ([ZERO_COPY_MIN], ZERO_COPY_MIN),
+    # Larger than the bounce buffer and than one 4 MiB CRC chunk.
+    "large": ([BOUNCE + 3 * 4096 + 7, 4096 * 3], BOUNCE + 3 * 4096),
+}
+
+
+@pytest.mark.parametrize("sizes,expected", list(ZERO_COPY_CASES.values()),
+                         ids=list(ZERO_COPY_CASES))
+def test_direct_zero_copy_same_as_buffered(native, disk_dir, sizes, expected):
+    chunks = [mapped(n, seed=i) for i, n in enumerate(sizes)]
+    results = {}
+    for direct in (False, True):
+        name = f"d{int(direct)}"
+        f = native.AtomicFile(disk_dir, name, direct=direct)
+        crcs = f.write(chunks)
+        if direct:
+            assert on_disk(f) == expected
+            assert f.bytes_written == sum(sizes)
+        f.commit()
+        results[direct] = (crcs, (disk_dir / name).read_bytes())
+    assert results[True] == results[False]
+    assert results[True][1] == b"".join(c.tobytes() for c in chunks)
+    assert results[True][0] == [native.crc32c(c) for c in chunks]
+
+
+def test_direct_zero_copy_checksum_false(native, disk_dir):
+    data = mapped(1 << 20)
+    with native.AtomicFile(disk_dir, "x", direct=True) as f:
+        assert f.write([data], checksum=False) == []
+        assert on_disk(f) == 1 << 20
+        f.commit()
+    assert (disk_dir / "x").read_bytes() == data.tobytes()
+
+
+@pytest.mark.parametrize("cap", [7, 4095, 4096, 5000, 3 * 4096 + 1, 1 << 20])
+def test_direct_zero_copy_short_writes(native, disk_dir, cap):
+    # Short writes from the caller's memory: a cap is rounded down to whole
+    # blocks, and one under a block turns O_DIRECT off for the rest of the
+    # file; the content stays exact.
+    chunks = [mapped(ZERO_COPY_MIN + 4096 * 3 + 11, seed=cap), mapped(20),
+              mapped(2 * ZERO_COPY_MIN, seed=2)]
+    native.set_failpoint("short_write", cap, 0)
+    with native.AtomicFile(disk_dir, "x", direct=True) as f:
+        crcs = f.write(chunks)
+        assert odirect_flag(f.temp_path) is (cap >= 4096)
+        f.commit()
+    assert crcs == [native.crc32c(c) for c in chunks]
+    assert (disk_dir / "x").read_bytes() == b"".join(c.tobytes() for c in chunks)
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_direct_zero_copy_write_fails(native, disk_dir, nth):
+    # 1: the first zero-copy write(2); 2: the second 4 MiB chunk of it.
+    (disk_dir / "ckpt").write_bytes(b"previous")
+    f = native.AtomicFile(disk_dir, "ckpt", direct=True)
+    native.set_failpoint("write", nth, errno.ENOSPC)
+    with pytest.raises(OSError) as info:
+        f.write([mapped(6 << 20)])
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == f.temp_path
+    assert f.closed and files_in(disk_dir) == ["ckpt"]
+    assert (disk_dir / "ckpt").read_bytes() == b"previous"
+
+
+def test_direct_zero_copy_falls_back_where_refused(native, ramfs_dir):
+    chunks = [mapped(1 << 20), mapped(5, seed=1), mapped(ZERO_COPY_MIN, seed=2)]
+    with native.AtomicFile(ramfs_dir, "x", direct=True) as f:
+        assert f.direct is False
+        crcs = f.write(chunks)
+        f.commit()
+    assert crcs == [native.crc32c(c) for c in chunks]
+    assert (ramfs_dir / "x").read_bytes() == b"".join(c.tobytes() for c in chunks)

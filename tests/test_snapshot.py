@@ -8,6 +8,10 @@ import types
 
 import keras
 import numpy as np
+import pytest
+
+from fastbackup import format as fmt
+from fastbackup import storage
 
 from fastbackup.snapshot import (
     GROUPS,
@@ -133,13 +137,18 @@ def test_take_copies_every_variable():
     assert before <= snap.taken_at <= time.time()
     pairs = collect_variables(model)
     assert [s.name for s in snap.specs] == [n for n, _ in pairs]
-    for spec, array, (name, variable) in zip(snap.specs, snap.arrays, pairs):
+    for i, (spec, array, (name, variable)) in enumerate(
+            zip(snap.specs, snap.arrays, pairs)):
         value = np.asarray(variable.numpy())
         assert spec.path == variable.path
         assert spec.shape == tuple(variable.shape) == array.shape
         assert spec.dtype == array.dtype == value.dtype
         assert array.tobytes() == value.tobytes(), name
-        assert array.flags.c_contiguous and array.flags.owndata
+        # A copy in a buffer of our own (page-aligned, zero-padded), never
+        # an alias of the backend's memory.
+        assert array.flags.c_contiguous and array.flags.writeable
+        assert not np.shares_memory(array, snapper._read(variable))
+        assert snap.padded_region(i) is not None, name
     assert snap.nbytes == sum(s.nbytes for s in snap.specs)
 
 
@@ -299,3 +308,111 @@ def test_tensor_spec_nbytes():
     assert TensorSpec("model.0", "p", np.dtype("float32"), (3, 4)).nbytes == 48
     assert TensorSpec("model.0", "p", np.dtype("int64"), ()).nbytes == 8
     assert TensorSpec("model.0", "p", np.dtype("float16"), (0, 5)).nbytes == 0
+
+
+# Aligned buffers (zero-copy O_DIRECT writes) -----------------------------------
+
+
+def _specs():
+    return [
+        # 300,000 bytes: above the native writer's zero-copy threshold.
+        TensorSpec("model.0", "w", np.dtype("float32"), (300, 250)),
+        TensorSpec("model.1", "b", np.dtype("float16"), (3,)),
+        TensorSpec("model.2", "e", np.dtype("float32"), (0, 4)),
+        TensorSpec("optimizer.0", "i", np.dtype("int64"), ()),
+        TensorSpec("optimizer.1", "m", np.dtype("float32"), (1024,)),  # 1 page
+    ]
+
+
+def test_allocate_lays_buffers_out_like_the_file():
+    snap = HostSnapshot.allocate(_specs())
+    offsets = []
+    base = snap.arrays[0].ctypes.data
+    for i, (spec, array) in enumerate(zip(snap.specs, snap.arrays)):
+        assert array.shape == spec.shape and array.dtype == spec.dtype
+        assert array.flags.c_contiguous and array.flags.writeable
+        region = snap.padded_region(i)
+        assert region is not None
+        assert len(region) == fmt.align_up(spec.nbytes)
+        if spec.nbytes:
+            assert np.frombuffer(region, np.uint8).ctypes.data == array.ctypes.data
+            assert array.ctypes.data % fmt.ALIGNMENT == 0
+            offsets.append(array.ctypes.data - base)
+        # The padding is zero, and filling the array does not touch it.
+        array.reshape(-1).view(np.uint8)[:] = 0xAB
+        padded = bytes(region)
+        assert padded[: spec.nbytes] == b"\xab" * spec.nbytes
+        assert padded[spec.nbytes:] == bytes(len(padded) - spec.nbytes)
+    # One mapping, tensors one after the other as in a version 2 file.
+    assert offsets == [0, 74 * 4096, 75 * 4096, 76 * 4096]
+
+
+def test_padded_region_is_none_for_ordinary_arrays():
+    specs = _specs()
+    plain = HostSnapshot(specs, [np.zeros(s.shape, s.dtype) for s in specs])
+    assert [plain.padded_region(i) for i in range(len(specs))] == [None] * 5
+    snap = HostSnapshot.allocate(specs)
+    # An array swapped in without its region is not mistaken for one.
+    snap.arrays[0] = np.zeros((300, 250), "float32")
+    assert snap.padded_region(0) is None and snap.padded_region(1) is not None
+
+
+def test_take_fills_aligned_buffers_and_realigns_new_shapes():
+    a, b = var(np.ones((2, 3)), name="a"), var([5.0], name="b")
+    model = fake_model([a, b])
+    snapper = Snapshotter(model)
+    snap = snapper.take(HostSnapshot.allocate(snapper.layout()), 0, 0)
+    assert all(snap.padded_region(i) is not None for i in range(2))
+    model.variables = [var(np.full((40, 30), 7.0), name="a"), b]
+    snapper.refresh()
+    snapper.take(snap, 0, 1)
+    region = snap.padded_region(0)
+    assert region is not None and len(region) == fmt.align_up(40 * 30 * 4)
+    assert snap.arrays[0].ctypes.data % fmt.ALIGNMENT == 0
+    assert bytes(region)[40 * 30 * 4:] == bytes(len(region) - 40 * 30 * 4)
+    assert (snap.arrays[0] == 7).all() and snap.padded_region(1) is not None
+
+
+def test_take_into_ordinary_arrays_keeps_them():
+    # A snapshot made of ordinary arrays (no regions) is filled as before;
+    # the writer then goes through the bounce buffer for it.
+    model = fake_model([var([1.0, 2.0], name="a")])
+    snapper = Snapshotter(model)
+    plain = HostSnapshot(snapper.layout(), [np.zeros(2, "float32")])
+    array = plain.arrays[0]
+    snapper.take(plain, 0, 0)
+    assert plain.arrays[0] is array and array.tolist() == [1.0, 2.0]
+    assert plain.padded_region(0) is None
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_aligned_and_ordinary_buffers_write_the_same_file(tmp_path, direct):
+    specs = _specs()
+    aligned = HostSnapshot.allocate(specs)
+    rng = np.random.default_rng(0)
+    for array in aligned.arrays:
+        array.reshape(-1).view(np.uint8)[:] = rng.integers(
+            0, 256, array.nbytes, np.uint8)
+    plain = HostSnapshot(specs, [a.copy() for a in aligned.arrays])
+    files = []
+    for i, snap in enumerate((aligned, plain)):
+        snap.epoch, snap.batch, snap.taken_at = 1, 2, 3.0
+        encoded = fmt.encode(snap, fmt.CompressionPolicy(None), step=i)
+        # The aligned snapshot's raw tensors are one segment each, padding
+        # included; the ordinary one's padding comes as segments of zeros.
+        assert len(encoded.segments) == (6 if snap is aligned else 9)
+        (tmp_path / str(i)).mkdir()
+        path = storage.commit(str(tmp_path / str(i)), i, encoded, sync=False,
+                              direct=direct).path
+        data = bytearray(open(path, "rb").read())
+        files.append(data)
+        with fmt.CheckpointReader(path) as reader:
+            for e, array in zip(reader.entries, snap.arrays):
+                out = np.empty(e.shape, e.np_dtype)
+                reader.read_tensor(e, out)
+                assert out.tobytes() == array.tobytes()
+            reader.verify()
+    # Byte for byte the same but for the step in the header (and its CRCs).
+    assert len(files[0]) == len(files[1])
+    header_start = fmt.ALIGNMENT + sum(fmt.align_up(s.nbytes) for s in specs)
+    assert files[0][:header_start] == files[1][:header_start]
