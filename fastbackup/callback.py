@@ -9,6 +9,7 @@ import statistics
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -16,7 +17,7 @@ import numpy as np
 
 from fastbackup import config as config_lib
 from fastbackup import format as fmt
-from fastbackup import restore, storage
+from fastbackup import overlap, restore, storage
 from fastbackup.snapshot import Snapshotter, collect_variables
 from fastbackup.writer import BackgroundWriter, WriterStats, as_write_error
 
@@ -155,6 +156,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._sigterm_pending = False
         self._preempted = False
         self._previous_sigterm: Any = None
+        # Overlapped snapshots (FASTBACKUP_OVERLAP): the gate on the
+        # optimizer's update while a batch-end save copies in the background.
+        self._gate: overlap.UpdateGate | None = None
 
     # Public API -------------------------------------------------------------
 
@@ -172,6 +176,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         Raises:
             BackupWriteError: a background write failed.
         """
+        if self._gate is not None:
+            # An overlapped save reaches the writer once its copy is done.
+            self._gate.wait()
         if self._writer is not None:
             self._writer.wait_until_finished(raise_errors=raise_errors)
 
@@ -199,6 +206,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._resume_epoch = None
         self._saved_metrics = []
         self.blocking_seconds = []
+        # Before a restore, which may wrap the train function the gate
+        # re-makes on TensorFlow.
+        self._install_gate()
         if checkpoints:
             self._restore()
         if self._snapshotter is None or self._snapshotter.model is not self.model:
@@ -230,6 +240,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._raise_writer_error()
+        self._raise_copy_error()
         if self._skip_batches > 0:
             # A batch trained before the checkpoint: skipped, not counted.
             self._last_batch_seen = batch
@@ -241,7 +252,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if due or self._deferred:
             self._save(
                 self._current_epoch, batch, block=self.config.on_busy == "wait",
-                due=due,
+                due=due, overlapped=self._gate is not None,
             )
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -254,6 +265,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._save(epoch + 1, 0, block=True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        # The last overlapped copy completes (and reaches the writer) before
+        # anything else; the model and optimizer are left as found.
+        if self._gate is not None:
+            self._gate.uninstall()
         previous_sigterm = self._previous_sigterm
         self._restore_sigterm_handler()
         late_sigterm = self._sigterm_pending
@@ -276,6 +291,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._save(self._current_epoch, self._last_batch_seen, block=True)
         writer.wait_until_finished(raise_errors=False)
         self._raise_writer_error()
+        self._raise_copy_error()
         self._log_summary()
         if delete and os.path.exists(self.backup_dir):
             storage.remove_backup_dir(self.backup_dir)
@@ -328,8 +344,16 @@ class BackupAndRestore(keras.callbacks.Callback):
             return True
         return False
 
-    def _save(self, epoch: int, batch: int, block: bool, due: bool = True) -> None:
+    def _save(
+        self, epoch: int, batch: int, block: bool, due: bool = True,
+        overlapped: bool = False,
+    ) -> None:
         start = time.perf_counter()
+        if self._gate is not None:
+            # At most one copy in flight, and a synchronous save (epoch end,
+            # SIGTERM, end of fit) never races the previous overlapped one.
+            self._gate.wait()
+            self._raise_copy_error()
         writer = self._get_writer()
         slot = writer.checkout(block=block)
         if slot is None:
@@ -347,7 +371,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             # directory. If it was removed since, the lock went with it, so
             # the write fails (BackupWriteError, ENOENT) instead of silently
             # recreating an unlocked directory.
-            snapshot = self._snapshotter.take(slot.snapshot, epoch, batch)  # type: ignore[union-attr]
+            snapshotter: Snapshotter = self._snapshotter  # type: ignore[assignment]
+            if overlapped:
+                snapshot, deferred = snapshotter.take_split(
+                    slot.snapshot, epoch, batch, defer=self._updated_by_apply()
+                )
+            else:
+                snapshot = snapshotter.take(slot.snapshot, epoch, batch)
             # An epoch-end state and the state after batch 0 of the next
             # epoch both record batch 0; the position tells them apart.
             snapshot.metadata = {
@@ -356,8 +386,45 @@ class BackupAndRestore(keras.callbacks.Callback):
         except BaseException:
             writer.cancel(slot)
             raise
-        writer.submit(slot, snapshot)
+        if overlapped:
+            # The trainable and optimizer variables are copied while the
+            # next step runs; its update waits for the copy (see `overlap`).
+            self._gate.start(  # type: ignore[union-attr]
+                deferred.run,
+                on_done=lambda: writer.submit(slot, snapshot),
+                on_error=lambda error: writer.cancel(slot),
+            )
+        else:
+            writer.submit(slot, snapshot)
         self.blocking_seconds.append(time.perf_counter() - start)
+
+    def _updated_by_apply(self) -> Callable[[Any], bool]:
+        """Picks the variables that change only inside `optimizer.apply`."""
+        model = self.model
+        ids = {id(v) for v in model.trainable_variables}
+        ids.update(id(v) for v in model.optimizer.variables)
+        return lambda variable: id(variable) in ids
+
+    def _install_gate(self) -> None:
+        if self._gate is not None:
+            self._gate.uninstall()
+            self._gate = None
+        if not self.config.overlap or self.save_freq in (False, "epoch"):
+            # Only batch-level saves overlap; epoch-end saves stay
+            # synchronous, as they are the last thing of an epoch.
+            return
+        reason = overlap.unsupported_reason(self.model)
+        if reason is not None:
+            log.info("fastbackup: FASTBACKUP_OVERLAP=on, but saves copy "
+                     "synchronously: %s", reason)
+            return
+        self._gate = overlap.UpdateGate(self.model)
+        self._gate.install()
+
+    def _raise_copy_error(self) -> None:
+        error = self._gate.pop_error() if self._gate is not None else None
+        if error is not None:
+            raise error
 
     def _restore(self) -> None:
         model = self.model

@@ -238,6 +238,35 @@ class Snapshotter:
             The filled snapshot: `into` itself when given, its buffers
             reused wherever shape and dtype still match.
         """
+        snap, deferred = self.take_split(into, epoch, batch, defer=None)
+        deferred.run()
+        return snap
+
+    def take_split(
+        self,
+        into: HostSnapshot | None,
+        epoch: int,
+        batch: int,
+        defer: Callable[[Any], bool] | None,
+    ) -> tuple[HostSnapshot, DeferredCopy]:
+        """Copies the state but the variables `defer` picks, which it views.
+
+        The deferred variables' buffers are allocated and their host views
+        taken now; `DeferredCopy.run` copies them later. The snapshot is the
+        state at this call only while nothing writes those variables until
+        the copy is done (see `overlap`).
+
+        Args:
+            into: a snapshot whose buffers are free to overwrite, or `None`.
+            epoch: epoch to record.
+            batch: batch index to record.
+            defer: picks the variables whose copy is deferred; `None`
+                defers none.
+
+        Returns:
+            The snapshot, complete once the `DeferredCopy` has run, and that
+            copy.
+        """
         self._sync_backend_state()
         variables = self.variables()
         old = (
@@ -245,12 +274,16 @@ class Snapshotter:
         )
         specs: list[TensorSpec] = []
         arrays: list[np.ndarray] = []
+        deferred = DeferredCopy()
         for name, variable in variables:
             buf = old.get(name)
             view = self._read(variable)
             if buf is None or buf.shape != view.shape or buf.dtype != view.dtype:
                 buf = np.empty(view.shape, dtype=view.dtype)
-            np.copyto(buf, view, casting="no")
+            if defer is not None and defer(variable):
+                deferred.add(buf, view)
+            else:
+                np.copyto(buf, view, casting="no")
             # Drop the alias at once (see the module docstring).
             del view
             arrays.append(buf)
@@ -260,4 +293,36 @@ class Snapshotter:
         snap.epoch, snap.batch = int(epoch), int(batch)
         snap.metadata = {}
         snap.taken_at = time.time()
-        return snap
+        return snap, deferred
+
+
+class DeferredCopy:
+    """Copies of host views into snapshot buffers, to run later.
+
+    Holding a TensorFlow view makes the variable's next in-place update copy
+    its buffer first; `run` drops every view once copied, so the update that
+    waits for it finds the buffer unshared.
+    """
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.nbytes = 0
+
+    def add(self, buf: np.ndarray, view: np.ndarray) -> None:
+        """Queues the copy of `view` into `buf`."""
+        self._pairs.append((buf, view))
+        self.nbytes += buf.nbytes
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def run(self) -> None:
+        """Copies every queued view, then drops the views (even on error)."""
+        pairs, self._pairs = self._pairs, []
+        try:
+            while pairs:
+                buf, view = pairs.pop()
+                np.copyto(buf, view, casting="no")
+                del buf, view
+        finally:
+            pairs.clear()
