@@ -203,11 +203,13 @@ def detail_tables(results: dict[str, Any]) -> str:
                 _s(s["overhead_paired"], "%") if key != "none" else "-",
                 _cpu(s),
                 f"{s['saves']:.0f}/{s['coalesced']:.0f}" if "saves" in s else "-",
-                _s(s.get("median_blocking_s")),
+                _s(s.get("median_blocking_s"))
+                + (f" + {_s(s['median_held_s'])} held" if "median_held_s" in s else ""),
             ])
         parts.append(_table(
             ["config", "loop", "steps", "end", "step", "overhead", "paired",
-             "CPU s (overhead)", "saves/coalesced", "blocking"], rows))
+             "CPU s (overhead)", "saves/coalesced",
+             "blocking (+ update held)"], rows))
     a = results.get("a_c_saves") or {}
     if a:
         m = a["median"]

@@ -186,6 +186,11 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         writer = self._get_writer()
+        if self._gate is not None:
+            # A fit that raised skipped on_train_end: its last overlapped
+            # copy completes here, and a failure of it is raised.
+            self._gate.uninstall()
+            self._raise_copy_error()
         # A previous, interrupted fit may still be writing its last state.
         writer.wait_until_finished()
         storage.acquire_lock(
@@ -406,9 +411,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         return lambda variable: id(variable) in ids
 
     def _install_gate(self) -> None:
-        if self._gate is not None:
-            self._gate.uninstall()
-            self._gate = None
+        gate, self._gate = self._gate, None
         if not self.config.overlap or self.save_freq in (False, "epoch"):
             # Only batch-level saves overlap; epoch-end saves stay
             # synchronous, as they are the last thing of an epoch.
@@ -418,8 +421,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             log.info("fastbackup: FASTBACKUP_OVERLAP=on, but saves copy "
                      "synchronously: %s", reason)
             return
-        self._gate = overlap.UpdateGate(self.model)
-        self._gate.install()
+        if gate is None or gate.model is not self.model or (
+            gate.optimizer is not self.model.optimizer
+        ):
+            gate = overlap.UpdateGate(self.model)
+        # The same gate again keeps its gated train function (no retrace).
+        self._gate = gate
+        gate.install()
 
     def _raise_copy_error(self) -> None:
         error = self._gate.pop_error() if self._gate is not None else None

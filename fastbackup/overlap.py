@@ -119,7 +119,11 @@ class UpdateGate:
         self._thread: threading.Thread | None = None
         self._installed = False
         self._had_apply: Any = None
+        # TensorFlow: the model's train function before the gate, and the
+        # gated one made from it, kept from one `fit` to the next so that
+        # each `fit` does not trace the step again.
         self._train_function: Any = None
+        self._gated_function: Any = None
 
     # Installation -------------------------------------------------------
 
@@ -141,9 +145,16 @@ class UpdateGate:
         setattr(gated, _GATE_ATTR, self)
         optimizer.apply = gated
         if keras.backend.backend() == "tensorflow":
-            # A train function traced before has no gate in its graph.
-            self._train_function = self.model.train_function
-            self.model.make_train_function(force=True)
+            current = self.model.train_function
+            if self._gated_function is not None and (
+                current is self._train_function
+            ):
+                self.model.train_function = self._gated_function
+            else:
+                # A train function traced before has no gate in its graph.
+                self._train_function = current
+                self.model.make_train_function(force=True)
+                self._gated_function = self.model.train_function
         self._installed = True
 
     def uninstall(self) -> None:
@@ -161,7 +172,7 @@ class UpdateGate:
             del optimizer.apply
         if keras.backend.backend() == "tensorflow":
             self.model.train_function = self._train_function
-        self._had_apply = self._train_function = None
+        self._had_apply = None
         self._installed = False
 
     def _python_apply(self, original: Callable[..., Any]) -> Callable[..., Any]:
