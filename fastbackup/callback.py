@@ -257,7 +257,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if due or self._deferred:
             self._save(
                 self._current_epoch, batch, block=self.config.on_busy == "wait",
-                due=due, overlapped=self._gate is not None,
+                due=due, overlapped=self._step_follows(batch),
             )
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -409,6 +409,20 @@ class BackupAndRestore(keras.callbacks.Callback):
         ids = {id(v) for v in model.trainable_variables}
         ids.update(id(v) for v in model.optimizer.variables)
         return lambda variable: id(variable) in ids
+
+    def _step_follows(self, batch: int) -> bool:
+        """True if an overlapped save may be taken after `batch`.
+
+        Only where another train step of the same epoch comes next: after
+        an epoch's last batch come validation and epoch-end callbacks,
+        which may assign the weights outside the optimizer (e.g.
+        `SwapEMAWeights`) while nothing waits for the copy. With an epoch
+        of unknown length the last batch is not known in time either.
+        """
+        if self._gate is None:
+            return False
+        steps = (self.params or {}).get("steps")
+        return steps is not None and batch + 1 < steps
 
     def _install_gate(self) -> None:
         gate, self._gate = self._gate, None

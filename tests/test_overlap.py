@@ -156,7 +156,7 @@ def test_overlapped_and_synchronous_saves_write_the_same_state(
     assert_state_equal(over_final, sync_final)
 
 
-def test_save_at_the_last_step_is_complete_when_fit_returns(
+def test_pending_copy_is_complete_when_fit_returns(
     tmp_path, slow_copy, monkeypatch
 ):
     monkeypatch.setenv("FASTBACKUP_ON_BUSY", "wait")  # not coalesced
@@ -165,17 +165,56 @@ def test_save_at_the_last_step_is_complete_when_fit_returns(
     model.make_train_function()
     before = model.train_function
     recorder = Recorder()
+
+    class StopAfter(keras.callbacks.Callback):
+        # Placed after the backup: no step follows its overlapped save.
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 3:
+                self.model.stop_training = True
+
+    cb = fastbackup.BackupAndRestore(tmp_path, save_freq=4,
+                                     delete_checkpoint=False)
+    model.fit(x, y, epochs=2, batch_size=4, verbose=0,
+              callbacks=[recorder, cb, StopAfter()])
+    # No wait here: on_train_end completed the copy and the write.
+    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    position, saved = checkpoint_state(path)
+    assert position == (0, 3)
+    assert_state_equal(saved, recorder.states[position])
+    assert_state_equal(saved, all_state(model))
+    if GATED:
+        assert cb._gate.held_seconds == []  # no update came after it
+    assert_left_as_found(model, before)
+
+
+def test_save_at_an_epochs_last_batch_is_synchronous(tmp_path, slow_copy,
+                                                     monkeypatch):
+    monkeypatch.setenv("FASTBACKUP_ON_BUSY", "wait")
+    x, y = make_data(n=32)
+    model = make_model()
+    recorder = Recorder()
+    swapped = []
+
+    class AssignAtEpochEnd(keras.callbacks.Callback):
+        # Like SwapEMAWeights: assigns weights outside the optimizer, right
+        # after the epoch's last batch.
+        def on_epoch_end(self, epoch, logs=None):
+            for v in self.model.trainable_variables:
+                v.assign(v * 0.5)
+            swapped.append(epoch)
+
     cb = fastbackup.BackupAndRestore(tmp_path, save_freq=4,
                                      delete_checkpoint=False)
     model.fit(x, y, epochs=1, batch_size=4, verbose=0,
-              callbacks=[recorder, cb])
-    # No wait here: on_train_end completed the copy and the write.
+              callbacks=[recorder, AssignAtEpochEnd(), cb])
+    assert swapped == [0]
     [(_, path)] = storage.list_checkpoints(str(tmp_path))
     position, saved = checkpoint_state(path)
     assert position == (0, 7)
     assert_state_equal(saved, recorder.states[position])
-    assert_state_equal(saved, all_state(model))
-    assert_left_as_found(model, before)
+    if GATED:
+        # Batch 3's save overlapped step 4; batch 7's was synchronous.
+        assert len(cb._gate.held_seconds) == 1
 
 
 def test_copy_error_reaches_the_training_thread(tmp_path, monkeypatch):
