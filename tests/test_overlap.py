@@ -352,8 +352,17 @@ def test_tensorflow_gate_is_in_the_traced_step_only_while_fitting(tmp_path):
         def on_train_batch_end(self, batch, logs=None):
             inside.append(self.model.train_function is not traced)
 
+    class Keep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            gated.add(self.model.train_function)
+
+    gated = set()
     cb = fastbackup.BackupAndRestore(tmp_path, save_freq=2)
-    model.fit(x, y, epochs=1, batch_size=4, verbose=0,
-              callbacks=[Inspect(), cb])
-    assert inside == [True] * 4
-    assert_left_as_found(model, traced)
+    for _ in range(2):
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0,
+                  callbacks=[Inspect(), Keep(), cb])
+        assert_left_as_found(model, traced)
+    assert inside == [True] * 8
+    # The second fit with the same callback reused the gated step: no
+    # second trace.
+    assert len(gated) == 1
