@@ -421,6 +421,14 @@ class BackupAndRestore(keras.callbacks.Callback):
         """
         if self._gate is None:
             return False
+        reason = self._gate.recheck()
+        if reason is not None:
+            log.info("fastbackup: saves copy synchronously from now on: %s",
+                     reason)
+            self._gate.uninstall()
+            self._raise_copy_error()
+            self._gate = None
+            return False
         steps = (self.params or {}).get("steps")
         return steps is not None and batch + 1 < steps
 

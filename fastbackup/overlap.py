@@ -118,6 +118,7 @@ class UpdateGate:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._installed = False
+        self._checked = 0
         self._had_apply: Any = None
         # TensorFlow: the model's train function before the gate, and the
         # gated one made from it, kept from one `fit` to the next so that
@@ -126,6 +127,21 @@ class UpdateGate:
         self._gated_function: Any = None
 
     # Installation -------------------------------------------------------
+
+    def recheck(self) -> str | None:
+        """`unsupported_reason` again if variables were created since.
+
+        A model built by its first step, and an optimizer built by its
+        first update, create their variables after `fit` began; they may
+        live on an accelerator.
+        """
+        count = len(self.model.variables) + len(self.optimizer.variables)
+        if count == self._checked:
+            return None
+        reason = unsupported_reason(self.model)
+        if reason is None:
+            self._checked = count
+        return reason
 
     def install(self) -> None:
         """Wraps `optimizer.apply`; on TensorFlow, re-makes the train step."""

@@ -104,6 +104,18 @@ def test_compiled_train_step_is_not_gated():
     assert "jit_compile" in overlap.unsupported_reason(model)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch",
+                    reason="without an accelerator, only torch can place "
+                    "variables off the host (its meta device)")
+def test_variables_off_the_host_are_not_gated(tmp_path):
+    # A GPU's copy to the host is not overlapped: such a model must save
+    # synchronously rather than read device memory behind the step.
+    with keras.device("meta"):
+        model = make_model()
+    reason = overlap.unsupported_reason(model)
+    assert "lives on meta, not on the host" in reason
+
+
 def test_overlapped_checkpoints_equal_state_at_their_step(tmp_path, slow_copy,
                                                            monkeypatch):
     monkeypatch.setenv("FASTBACKUP_ON_BUSY", "wait")  # every save written
