@@ -39,10 +39,12 @@ raises leaves the copy to finish and hand its snapshot to the writer.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -259,6 +261,7 @@ class UpdateGate:
         self._thread = threading.Thread(
             target=run, name="fastbackup-snapshot", daemon=True
         )
+        _track(self)
         self._thread.start()
 
     def pending(self) -> bool:
@@ -281,3 +284,23 @@ class UpdateGate:
         start = time.perf_counter()
         self._idle.wait()
         self.held_seconds.append(time.perf_counter() - start)
+
+
+_live_gates: weakref.WeakSet[UpdateGate] = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _track(gate: UpdateGate) -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        # Registered after the writer's exit hook (writer.py registers it at
+        # import), so it runs first: a copy still in flight at exit (after a
+        # `fit` that raised) reaches the writer before the writer flushes.
+        atexit.register(_finish_copies_at_exit)
+        _exit_hook_registered = True
+    _live_gates.add(gate)
+
+
+def _finish_copies_at_exit() -> None:
+    for gate in list(_live_gates):
+        gate.wait()

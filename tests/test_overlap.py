@@ -17,6 +17,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import signal
+import subprocess
 import sys
 import time
 
@@ -286,6 +287,39 @@ def test_step_that_raises_does_not_lose_the_overlapped_save(tmp_path,
     model.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[cb])
     assert cb.restored_from == (0, 0, 2)
     assert_left_as_found(model)
+
+
+def test_copy_in_flight_at_interpreter_exit_reaches_the_disk(tmp_path):
+    script = f"""
+import os, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+os.environ["FASTBACKUP_OVERLAP"] = "on"
+import numpy as np, keras, fastbackup
+from fastbackup import snapshot
+real = snapshot.DeferredCopy.run
+def slow(self):
+    time.sleep(1.0 if len(self) else 0.0)
+    real(self)
+snapshot.DeferredCopy.run = slow
+model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
+model.compile("adam", "mse")
+cb = fastbackup.BackupAndRestore({str(tmp_path)!r}, save_freq=2)
+class Boom(keras.callbacks.Callback):
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 2:
+            raise SystemExit(3)
+model.fit(np.ones((16, 4)), np.ones((16, 2)), batch_size=2, epochs=1,
+          verbose=0, callbacks=[cb, Boom()])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    # The save of batch 1 was still being copied when the interpreter began
+    # to exit (on JAX it was synchronous).
+    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    with CheckpointReader(path) as reader:
+        assert (reader.epoch, reader.batch) == (0, 1)
+        reader.verify()
 
 
 def test_epoch_saves_stay_synchronous(tmp_path):
