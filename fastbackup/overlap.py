@@ -215,9 +215,18 @@ class UpdateGate:
             if not tf.inside_function():
                 self._hold()
                 return original(grads, trainable_variables)
-            done = tf.numpy_function(
-                hold, [], tf.bool, stateful=True, name="fastbackup_update_gate"
-            )
+            # The gate runs once the gradients exist: run earlier, it would
+            # hold one of TensorFlow's inter-op threads through the forward
+            # and backward passes.
+            computed = [
+                t for t in tf.nest.flatten(grads, expand_composites=True)
+                if t is not None
+            ]
+            with tf.control_dependencies(computed):
+                done = tf.numpy_function(
+                    hold, [], tf.bool, stateful=True,
+                    name="fastbackup_update_gate",
+                )
             # Every op the update creates, reads included, runs after the
             # copy; the gradients are routed through it as well, so that
             # nothing of the update can be scheduled before.
