@@ -109,12 +109,17 @@ class UpdateGate:
 
     Args:
         model: the model whose `optimizer.apply` is gated.
+
+    Attributes:
+        held_seconds: how long each held update waited for the copy.
+        copies: background copies started.
     """
 
     def __init__(self, model: keras.Model) -> None:
         self.model = model
         self.optimizer = model.optimizer
         self.held_seconds: list[float] = []
+        self.copies = 0
         self._idle = threading.Event()
         self._idle.set()
         self._error: BaseException | None = None
@@ -255,6 +260,7 @@ class UpdateGate:
         """
         self.wait()
         self._idle.clear()
+        self.copies += 1
 
         def run() -> None:
             try:

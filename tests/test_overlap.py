@@ -137,9 +137,12 @@ def test_overlapped_checkpoints_equal_state_at_their_step(tmp_path, slow_copy,
         assert_state_equal(saved, recorder.states[position])
     assert positions == [(1, 6), (1, 3)]
     if GATED:
-        # Each of the 5 saves (global batches 3, 6, 9, 12, 15 of 16) was
-        # followed by a step whose update waited for the copy.
-        assert len(cb._gate.held_seconds) == 5
+        # All 5 saves (global batches 3, 6, 9, 12, 15 of 16) overlapped the
+        # next step; its update waited for the copy unless the forward and
+        # backward passes outlasted the copy's 0.15 s delay (a loaded
+        # machine).
+        assert cb._gate.copies == 5
+        assert 1 <= len(cb._gate.held_seconds) <= 5
     else:
         assert cb._gate is None
     assert_left_as_found(model)
@@ -196,6 +199,7 @@ def test_pending_copy_is_complete_when_fit_returns(
     assert_state_equal(saved, recorder.states[position])
     assert_state_equal(saved, all_state(model))
     if GATED:
+        assert cb._gate.copies == 1
         assert cb._gate.held_seconds == []  # no update came after it
     assert_left_as_found(model, before)
 
@@ -227,7 +231,7 @@ def test_save_at_an_epochs_last_batch_is_synchronous(tmp_path, slow_copy,
     assert_state_equal(saved, recorder.states[position])
     if GATED:
         # Batch 3's save overlapped step 4; batch 7's was synchronous.
-        assert len(cb._gate.held_seconds) == 1
+        assert cb._gate.copies == 1
 
 
 def test_copy_error_reaches_the_training_thread(tmp_path, monkeypatch):
