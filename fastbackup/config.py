@@ -63,8 +63,8 @@ class Config:
             and backward passes run; that step's optimizer update waits for
             the copy (see `fastbackup.overlap`). TensorFlow and torch on the
             host only; elsewhere saves copy synchronously.
-            `FASTBACKUP_OVERLAP`: on/off. Defaults to off (on this class of
-            2-core machine it does not pay, see docs/benchmarks.md).
+            `FASTBACKUP_OVERLAP`: on/off. Defaults to off (on a 2-core
+            machine its gain was within the noise, see docs/benchmarks.md).
     """
 
     compression_level: int | None = 1
