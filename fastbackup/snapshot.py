@@ -11,7 +11,9 @@ the backend allows it (TensorFlow's `read_value()` aliases the variable; JAX
 arrays are immutable; torch CPU tensors expose their storage), and drops that
 alias at once: TensorFlow copies a variable before updating it in place while
 another tensor still references its buffer, which would move the cost into
-the next training step.
+the next training step. An overlapped save (`take_split`, see `overlap`)
+keeps the views of the trainable and optimizer variables until its
+background copy is done, which the next update waits for.
 """
 
 from __future__ import annotations
