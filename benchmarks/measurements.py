@@ -34,6 +34,8 @@ from benchmarks.models import (
 )
 
 SaveFreq = int | str
+# Section b's name for fastbackup with FASTBACKUP_OVERLAP=on.
+OVERLAP_TOOL = "fastbackup+overlap"
 
 # Raw write floor: the chunk each os.write() gets (the native writer uses
 # 4 MiB chunks; larger ones only lower the syscall count further).
@@ -548,14 +550,24 @@ def _make_callback(
 ) -> keras.callbacks.Callback | None:
     if tool == "none":
         return None
-    if tool == "fastbackup":
+    if tool in ("fastbackup", OVERLAP_TOOL):
         import fastbackup
 
-        return fastbackup.BackupAndRestore(directory, save_freq=save_freq)
+        # The callback reads FASTBACKUP_* once, when it is constructed.
+        setting = "on" if tool == OVERLAP_TOOL else "off"
+        saved = os.environ.get("FASTBACKUP_OVERLAP")
+        os.environ["FASTBACKUP_OVERLAP"] = setting
+        try:
+            return fastbackup.BackupAndRestore(directory, save_freq=save_freq)
+        finally:
+            if saved is None:
+                del os.environ["FASTBACKUP_OVERLAP"]
+            else:
+                os.environ["FASTBACKUP_OVERLAP"] = saved
     if tool == "keras":
         return keras.callbacks.BackupAndRestore(directory, save_freq=save_freq)
     if tool == "orbax":
-        return keras.callbacks.OrbaxCheckpoint(directory, save_freq=save_freq)
+        return timed_orbax(directory, save_freq)
     raise ValueError(f"unknown tool {tool!r}")
 
 
@@ -567,6 +579,10 @@ def loop_configurations(
     tools = ["keras", "fastbackup"] + (["orbax"] if with_orbax else [])
     for freq in save_freqs:
         configs += [(tool, freq) for tool in tools]
+        if isinstance(freq, int):
+            # Only batch-level saves overlap (epoch-end saves stay
+            # synchronous); measured beside the default, same rounds.
+            configs.append((OVERLAP_TOOL, freq))
     return configs
 
 
@@ -606,11 +622,11 @@ def measure_training_loop(
     # only (that one-off cost is section a's "first save"), taken here.
     instances: dict[str, Any] = {}
     for tool, freq in configs:
-        if tool in ("keras", "fastbackup"):
+        if tool in ("keras", "fastbackup", OVERLAP_TOOL):
             key = config_key(tool, freq)
             instances[key] = _make_callback(
                 tool, os.path.join(work_dir, f"loop-{tool}-{freq}"), freq or "epoch")
-            if tool == "fastbackup":  # untimed first save: allocates the buffer
+            if tool != "keras":  # untimed first save: allocates the buffer
                 cb = instances[key]
                 cb.set_model(model)
                 cb.on_train_begin()
@@ -627,8 +643,9 @@ def measure_training_loop(
             directory = os.path.join(work_dir, f"loop-{tool}-{freq}")
             callback = instances.get(key)
             if tool == "orbax":  # Orbax's callback closes itself at train end.
-                callback = timed_orbax(directory, freq or "epoch")
-            before = _writer_counts(callback) if tool == "fastbackup" else None
+                callback = _make_callback(tool, directory, freq or "epoch")
+            fast = tool in ("fastbackup", OVERLAP_TOOL)
+            before = _writer_counts(callback) if fast else None
             timing = LoopTiming()
             callbacks = [timing.start] + ([callback] if callback else []) + [timing.stop]
             model.fit(
@@ -659,6 +676,16 @@ def measure_training_loop(
                     median_blocking_s=median(callback.blocking_seconds),  # type: ignore[union-attr]
                     median_write_s=median(stats.write_seconds[before[2]:]),
                 )
+                gate = getattr(callback, "_gate", None)
+                if tool == OVERLAP_TOOL:
+                    # How long each overlapped save held the next step's
+                    # optimizer update (the copy not done by then); the
+                    # gate outlives the run, its record is taken per run.
+                    held = gate.held_seconds if gate is not None else []
+                    run["overlapped"] = gate is not None
+                    run["holds"] = len(held)
+                    run["median_held_s"] = median(held) if held else 0.0
+                    held.clear()
             runs[key].append(run)
             log(f"    {key:<18} loop {run['loop_s']:7.2f} s  "
                 f"(steps {run['steps_s']:7.2f} s, end {run['end_s']:5.2f} s)")
@@ -694,7 +721,8 @@ def measure_training_loop(
             "overhead_steps_only": over(items, "steps_s"),
             "cpu_overhead": over(items, "cpu_s"),
         }
-        for extra in ("saves", "coalesced", "median_blocking_s", "median_write_s"):
+        for extra in ("saves", "coalesced", "median_blocking_s", "median_write_s",
+                      "median_held_s"):
             values = [run[extra] for run in items if run.get(extra) is not None]
             if values:
                 summary[key][extra] = median(values)

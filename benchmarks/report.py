@@ -70,6 +70,11 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                _get(b, "fastbackup/5", "overhead"), 0.03, le, "{:+.1%}"),
         _check("b1", "loop overhead, save_freq=1 <= 15%",
                _get(b, "fastbackup/1", "overhead"), 0.15, le, "{:+.1%}"),
+        # The same targets with FASTBACKUP_OVERLAP=on (off by default).
+        _check("b5o", "loop overhead, save_freq=5, overlapped <= 3%",
+               _get(b, "fastbackup+overlap/5", "overhead"), 0.03, le, "{:+.1%}"),
+        _check("b1o", "loop overhead, save_freq=1, overlapped <= 15%",
+               _get(b, "fastbackup+overlap/1", "overhead"), 0.15, le, "{:+.1%}"),
         _check("c", "durable write >= 0.9x raw write+fsync",
                _ratio(a.get("fastbackup_write_bps"), a.get("raw_write_bps")),
                0.9, ge, "{:.2f}x raw"),
@@ -240,11 +245,13 @@ def detail_tables(results: dict[str, Any]) -> str:
                 _s(s["overhead_paired"], "%") if key != "none" else "-",
                 _cpu(s),
                 f"{s['saves']:.0f}/{s['coalesced']:.0f}" if "saves" in s else "-",
-                _s(s.get("median_blocking_s")),
+                _s(s.get("median_blocking_s"))
+                + (f" + {_s(s['median_held_s'])} held" if "median_held_s" in s else ""),
             ])
         parts.append(_table(
             ["config", "loop", "steps", "end", "step", "overhead", "paired",
-             "CPU s (overhead)", "saves/coalesced", "blocking"], rows))
+             "CPU s (overhead)", "saves/coalesced",
+             "blocking (+ update held)"], rows))
     a = results.get("a_c_saves") or {}
     if a:
         m = a["median"]

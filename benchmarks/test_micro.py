@@ -160,3 +160,34 @@ def test_crc32c(benchmark: Any, size: int) -> None:
         benchmark.pedantic(native.crc32c, args=(data,), rounds=ROUNDS * 2, warmup_rounds=1)
     else:
         benchmark(native.crc32c, data)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "jax",
+                    reason="JAX saves synchronously: there is no gate")
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "idle_gate"])
+def test_train_step_with_idle_update_gate(benchmark: Any, gated: bool) -> None:
+    """One train step of a tiny model, with and without an idle update gate.
+
+    The gate of `FASTBACKUP_OVERLAP=on` stays in the step between saves; on
+    TensorFlow it is a `tf.numpy_function` in the traced step. The difference
+    of the two means is its cost per step when no copy is pending.
+    """
+    from fastbackup.overlap import UpdateGate
+
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.layers.Input((16,)), keras.layers.Dense(16),
+                          keras.layers.Dense(1)])
+    m.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).standard_normal((8, 16), dtype=np.float32)
+    y = x[:, :1]
+    gate = UpdateGate(m) if gated else None
+    if gate is not None:
+        gate.install()
+    m.train_on_batch(x, y)  # traces the step (with the gate, if installed)
+    try:
+        benchmark.pedantic(m.train_on_batch, args=(x, y), rounds=300,
+                           iterations=5, warmup_rounds=20)
+    finally:
+        if gate is not None:
+            gate.uninstall()
+    benchmark.extra_info["bytes"] = 0

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -17,7 +18,7 @@ import numpy as np
 
 from fastbackup import config as config_lib
 from fastbackup import format as fmt
-from fastbackup import model_config, restore, storage
+from fastbackup import model_config, overlap, restore, storage
 from fastbackup import writer as writer_lib
 from fastbackup.snapshot import Snapshotter, collect_variables
 from fastbackup.writer import BackgroundWriter, WriterStats, as_write_error
@@ -166,6 +167,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._sigterm_pending = False
         self._preempted = False
         self._previous_sigterm: Any = None
+        # Overlapped snapshots (FASTBACKUP_OVERLAP): the gate on the
+        # optimizer's update while a batch-end save copies in the background.
+        self._gate: overlap.UpdateGate | None = None
 
     # Public API -------------------------------------------------------------
 
@@ -183,6 +187,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         Raises:
             BackupWriteError: a background write failed.
         """
+        if self._gate is not None:
+            # An overlapped save reaches the writer once its copy is done.
+            self._gate.wait()
         if self._writer is not None:
             self._writer.wait_until_finished(raise_errors=raise_errors)
 
@@ -191,6 +198,11 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         _refuse_multi_process_jax()
         writer = self._get_writer()
+        if self._gate is not None:
+            # A fit that raised skipped on_train_end: its last overlapped
+            # copy completes here, and a failure of it is raised.
+            self._gate.uninstall()
+            self._raise_copy_error()
         # A previous, interrupted fit may still be writing its last state.
         writer.wait_until_finished()
         storage.acquire_lock(
@@ -215,6 +227,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._pool_sized = False
         self._model_config_crc = None
         self._model_config_tried = False
+        # Before a restore, which may wrap the train function the gate
+        # re-makes on TensorFlow.
+        self._install_gate()
         if checkpoints:
             self._restore()
         if self._snapshotter is None or self._snapshotter.model is not self.model:
@@ -249,6 +264,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._raise_writer_error()
+        self._raise_copy_error()
         if batch <= self._hidden_through:
             # A batch trained before the checkpoint, skipped: reaches here
             # only where the other callbacks could not be spared it.
@@ -260,7 +276,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if due or self._deferred:
             self._save(
                 self._current_epoch, batch, block=self.config.on_busy == "wait",
-                due=due,
+                due=due, overlapped=self._step_follows(batch),
             )
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -274,6 +290,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._save(epoch + 1, 0, block=True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        # The last overlapped copy completes (and reaches the writer) before
+        # anything else; the model and optimizer are left as found.
+        if self._gate is not None:
+            self._gate.uninstall()
         self._stop_hiding()
         previous_sigterm = self._previous_sigterm
         self._restore_sigterm_handler()
@@ -297,6 +317,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._save(self._current_epoch, self._last_batch_seen, block=True)
         writer.wait_until_finished(raise_errors=False)
         self._raise_writer_error()
+        self._raise_copy_error()
         self._log_summary()
         if delete and os.path.exists(self.backup_dir):
             storage.remove_backup_dir(self.backup_dir)
@@ -348,8 +369,16 @@ class BackupAndRestore(keras.callbacks.Callback):
             return True
         return False
 
-    def _save(self, epoch: int, batch: int, block: bool, due: bool = True) -> None:
+    def _save(
+        self, epoch: int, batch: int, block: bool, due: bool = True,
+        overlapped: bool = False,
+    ) -> None:
         start = time.perf_counter()
+        if self._gate is not None:
+            # At most one copy in flight, and a synchronous save (epoch end,
+            # SIGTERM, end of fit) never races the previous overlapped one.
+            self._gate.wait()
+            self._raise_copy_error()
         writer = self._get_writer()
         slot = writer.checkout(block=block)
         if slot is None:
@@ -367,7 +396,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             # directory. If it was removed since, the lock went with it, so
             # the write fails (BackupWriteError, ENOENT) instead of silently
             # recreating an unlocked directory.
-            snapshot = self._snapshotter.take(slot.snapshot, epoch, batch)  # type: ignore[union-attr]
+            snapshotter: Snapshotter = self._snapshotter  # type: ignore[assignment]
+            if overlapped:
+                snapshot, deferred = snapshotter.take_split(
+                    slot.snapshot, epoch, batch, defer=self._updated_by_apply()
+                )
+            else:
+                snapshot = snapshotter.take(slot.snapshot, epoch, batch)
             if not self._model_config_tried:
                 # A model built by its first step: its config is complete
                 # only now.
@@ -382,7 +417,16 @@ class BackupAndRestore(keras.callbacks.Callback):
         except BaseException:
             writer.cancel(slot)
             raise
-        writer.submit(slot, snapshot)
+        if overlapped:
+            # The trainable and optimizer variables are copied while the
+            # next step runs; its update waits for the copy (see `overlap`).
+            self._gate.start(  # type: ignore[union-attr]
+                deferred.run,
+                on_done=lambda: writer.submit(slot, snapshot),
+                on_error=lambda error: writer.cancel(slot),
+            )
+        else:
+            writer.submit(slot, snapshot)
         if not self._pool_sized:
             # An unbuilt model's layout is known only from its first save.
             self._size_pool(snapshot.nbytes)
@@ -411,6 +455,59 @@ class BackupAndRestore(keras.callbacks.Callback):
             writer_lib.pool_size(self.config.pending_snapshots, state_bytes)
         )
         self._pool_sized = True
+
+    def _updated_by_apply(self) -> Callable[[Any], bool]:
+        """Picks the variables that change only inside `optimizer.apply`."""
+        model = self.model
+        ids = {id(v) for v in model.trainable_variables}
+        ids.update(id(v) for v in model.optimizer.variables)
+        return lambda variable: id(variable) in ids
+
+    def _step_follows(self, batch: int) -> bool:
+        """True if an overlapped save may be taken after `batch`.
+
+        Only where another train step of the same epoch comes next: after
+        an epoch's last batch come validation and epoch-end callbacks,
+        which may assign the weights outside the optimizer (e.g.
+        `SwapEMAWeights`) while nothing waits for the copy. With an epoch
+        of unknown length the last batch is not known in time either.
+        """
+        if self._gate is None:
+            return False
+        reason = self._gate.recheck()
+        if reason is not None:
+            log.info("fastbackup: saves copy synchronously from now on: %s",
+                     reason)
+            self._gate.uninstall()
+            self._raise_copy_error()
+            self._gate = None
+            return False
+        steps = (self.params or {}).get("steps")
+        return steps is not None and batch + 1 < steps
+
+    def _install_gate(self) -> None:
+        gate, self._gate = self._gate, None
+        if not self.config.overlap or self.save_freq in (False, "epoch"):
+            # Only batch-level saves overlap; epoch-end saves stay
+            # synchronous, as they are the last thing of an epoch.
+            return
+        reason = overlap.unsupported_reason(self.model)
+        if reason is not None:
+            log.info("fastbackup: FASTBACKUP_OVERLAP=on, but saves copy "
+                     "synchronously: %s", reason)
+            return
+        if gate is None or gate.model is not self.model or (
+            gate.optimizer is not self.model.optimizer
+        ):
+            gate = overlap.UpdateGate(self.model)
+        # The same gate again keeps its gated train function (no retrace).
+        self._gate = gate
+        gate.install()
+
+    def _raise_copy_error(self) -> None:
+        error = self._gate.pop_error() if self._gate is not None else None
+        if error is not None:
+            raise error
 
     def _restore(self) -> None:
         model = self.model

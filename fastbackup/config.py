@@ -60,6 +60,13 @@ class Config:
             on/off. Defaults to off (Keras's behaviour).
         handle_sigterm: on SIGTERM, save at the next step boundary and stop
             training. `FASTBACKUP_HANDLE_SIGTERM`: on/off. Defaults to off.
+        overlap: at a batch-level save, copy the trainable and optimizer
+            variables on a background thread while the next step's forward
+            and backward passes run; that step's optimizer update waits for
+            the copy (see `fastbackup.overlap`). TensorFlow and torch on the
+            host only; elsewhere saves copy synchronously.
+            `FASTBACKUP_OVERLAP`: on/off. Defaults to off (on a 2-core
+            machine its gain was within the noise, see docs/benchmarks.md).
     """
 
     compression_level: int | None = 1
@@ -71,6 +78,7 @@ class Config:
     log_level: str | None = None
     resume_mid_epoch: bool = False
     handle_sigterm: bool = False
+    overlap: bool = False
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -158,6 +166,7 @@ def from_environ(environ: Mapping[str, str] | None = None) -> Config:
         ),
         "FASTBACKUP_RESUME_MID_EPOCH": ("resume_mid_epoch", _bool),
         "FASTBACKUP_HANDLE_SIGTERM": ("handle_sigterm", _bool),
+        "FASTBACKUP_OVERLAP": ("overlap", _bool),
     }
     # Variables that are read elsewhere, before any callback exists.
     known_elsewhere = {"FASTBACKUP_PURE_PYTHON"}

@@ -11,7 +11,9 @@ the backend allows it (TensorFlow's `read_value()` aliases the variable; JAX
 arrays are immutable; torch CPU tensors expose their storage), and drops that
 alias at once: TensorFlow copies a variable before updating it in place while
 another tensor still references its buffer, which would move the cost into
-the next training step.
+the next training step. An overlapped save (`take_split`, see `overlap`)
+keeps the views of the trainable and optimizer variables until its
+background copy is done, which the next update waits for.
 
 The buffers are anonymous memory mappings: each array starts on a page and
 is followed by zeros up to the next page, exactly as the tensor lies in a
@@ -347,6 +349,35 @@ class Snapshotter:
             The filled snapshot: `into` itself when given, its buffers
             reused wherever shape and dtype still match.
         """
+        snap, deferred = self.take_split(into, epoch, batch, defer=None)
+        deferred.run()
+        return snap
+
+    def take_split(
+        self,
+        into: HostSnapshot | None,
+        epoch: int,
+        batch: int,
+        defer: Callable[[Any], bool] | None,
+    ) -> tuple[HostSnapshot, DeferredCopy]:
+        """Copies the state but the variables `defer` picks, which it views.
+
+        The deferred variables' buffers are allocated and their host views
+        taken now; `DeferredCopy.run` copies them later. The snapshot is the
+        state at this call only while nothing writes those variables until
+        the copy is done (see `overlap`).
+
+        Args:
+            into: a snapshot whose buffers are free to overwrite, or `None`.
+            epoch: epoch to record.
+            batch: batch index to record.
+            defer: picks the variables whose copy is deferred; `None`
+                defers none.
+
+        Returns:
+            The snapshot, complete once the `DeferredCopy` has run, and that
+            copy.
+        """
         self._sync_backend_state()
         variables = self.variables()
         old = (
@@ -360,6 +391,7 @@ class Snapshotter:
         specs: list[TensorSpec] = []
         arrays: list[np.ndarray] = []
         regions: list[np.ndarray | None] = []
+        deferred = DeferredCopy()
         for name, variable in variables:
             buf = old.get(name)
             region = old_regions.get(name)
@@ -368,7 +400,10 @@ class Snapshotter:
                 # A new shape (rare: a rebuilt layer) gets a mapping of its
                 # own, aligned like the others, so it stays zero-copy.
                 (buf,), (region,) = aligned_arrays([(view.shape, view.dtype)])
-            np.copyto(buf, view, casting="no")
+            if defer is not None and defer(variable):
+                deferred.add(buf, view)
+            else:
+                np.copyto(buf, view, casting="no")
             # Drop the alias at once (see the module docstring).
             del view
             arrays.append(buf)
@@ -379,4 +414,36 @@ class Snapshotter:
         snap.epoch, snap.batch = int(epoch), int(batch)
         snap.metadata = {}
         snap.taken_at = time.time()
-        return snap
+        return snap, deferred
+
+
+class DeferredCopy:
+    """Copies of host views into snapshot buffers, to run later.
+
+    Holding a TensorFlow view makes the variable's next in-place update copy
+    its buffer first; `run` drops every view once copied, so the update that
+    waits for it finds the buffer unshared.
+    """
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.nbytes = 0
+
+    def add(self, buf: np.ndarray, view: np.ndarray) -> None:
+        """Queues the copy of `view` into `buf`."""
+        self._pairs.append((buf, view))
+        self.nbytes += buf.nbytes
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def run(self) -> None:
+        """Copies every queued view, then drops the views (even on error)."""
+        pairs, self._pairs = self._pairs, []
+        try:
+            while pairs:
+                buf, view = pairs.pop()
+                np.copyto(buf, view, casting="no")
+                del buf, view
+        finally:
+            pairs.clear()

@@ -140,9 +140,9 @@ def test_integer_save_freq_counts_like_keras(tmp_path):
     saved: list[tuple[int, int]] = []
 
     class Spy(fastbackup.BackupAndRestore):
-        def _save(self, epoch, batch, block, due=True):
+        def _save(self, epoch, batch, block, due=True, **kwargs):
             saved.append((epoch, batch))
-            super()._save(epoch, batch, block=True, due=due)
+            super()._save(epoch, batch, block=True, due=due, **kwargs)
 
     class KerasSpy(keras.callbacks.BackupAndRestore):
         def _save_model(self):

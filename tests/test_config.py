@@ -51,6 +51,7 @@ def test_defaults():
     assert c.log_level is None
     assert c.resume_mid_epoch is False
     assert c.handle_sigterm is False
+    assert c.overlap is False
 
 
 def test_config_is_frozen():
@@ -133,6 +134,7 @@ BOOLEANS = [
     ("FASTBACKUP_FSYNC", "fsync"),
     ("FASTBACKUP_RESUME_MID_EPOCH", "resume_mid_epoch"),
     ("FASTBACKUP_HANDLE_SIGTERM", "handle_sigterm"),
+    ("FASTBACKUP_OVERLAP", "overlap"),
 ]
 
 
@@ -211,7 +213,7 @@ def test_unknown_variable_is_rejected(name):
                   "FASTBACKUP_HANDLE_SIGTERM", "FASTBACKUP_LOG_LEVEL",
                   "FASTBACKUP_ON_BUSY", "FASTBACKUP_ON_ERROR",
                   "FASTBACKUP_PENDING_SNAPSHOTS", "FASTBACKUP_PURE_PYTHON",
-                  "FASTBACKUP_RESUME_MID_EPOCH"):
+                  "FASTBACKUP_RESUME_MID_EPOCH", "FASTBACKUP_OVERLAP"):
         assert known in message
 
 
@@ -237,12 +239,13 @@ def test_every_variable_at_once():
         FASTBACKUP_LOG_LEVEL="info",
         FASTBACKUP_RESUME_MID_EPOCH="yes",
         FASTBACKUP_HANDLE_SIGTERM="on",
+        FASTBACKUP_OVERLAP="on",
         FASTBACKUP_PURE_PYTHON="0",
     )
     assert c == config.Config(
         compression_level=5, on_busy="wait", pending_snapshots=1, fsync=False,
         on_error="warn", log_level="info", resume_mid_epoch=True,
-        handle_sigterm=True,
+        handle_sigterm=True, overlap=True,
     )
 
 
