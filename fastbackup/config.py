@@ -58,6 +58,11 @@ class Config:
             on/off. Defaults to off (Keras's behaviour).
         handle_sigterm: on SIGTERM, save at the next step boundary and stop
             training. `FASTBACKUP_HANDLE_SIGTERM`: on/off. Defaults to off.
+        lease_seconds: lifetime of the lock lease of an object-store backup
+            (`s3://`, `gs://`): the holder renews it four times per
+            lifetime; a killed job's backup can be taken over this long
+            after its last renewal. `FASTBACKUP_LEASE_SECONDS`: seconds,
+            from 0.5 to 86400. Defaults to 60.
     """
 
     compression_level: int | None = 1
@@ -69,6 +74,7 @@ class Config:
     log_level: str | None = None
     resume_mid_epoch: bool = False
     handle_sigterm: bool = False
+    lease_seconds: float = 60.0
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -114,6 +120,28 @@ def _compression(name: str, raw: str) -> int | None:
     return level
 
 
+def _seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = float("nan")
+    if not 0.5 <= value <= 86400:
+        raise ConfigError(
+            f"Invalid value for environment variable `{name}`. "
+            f"Received: {name}={raw!r}. Expected a number of seconds from "
+            "0.5 to 86400."
+        )
+    return value
+
+
+def lease_seconds_from_environ() -> float:
+    """`FASTBACKUP_LEASE_SECONDS`, validated (see `Config.lease_seconds`)."""
+    raw = os.environ.get("FASTBACKUP_LEASE_SECONDS")
+    if raw is None:
+        return Config.lease_seconds
+    return _seconds("FASTBACKUP_LEASE_SECONDS", raw)
+
+
 def from_environ(environ: Mapping[str, str] | None = None) -> Config:
     """Reads and validates every `FASTBACKUP_*` variable.
 
@@ -152,6 +180,7 @@ def from_environ(environ: Mapping[str, str] | None = None) -> Config:
         ),
         "FASTBACKUP_RESUME_MID_EPOCH": ("resume_mid_epoch", _bool),
         "FASTBACKUP_HANDLE_SIGTERM": ("handle_sigterm", _bool),
+        "FASTBACKUP_LEASE_SECONDS": ("lease_seconds", _seconds),
     }
     # Variables that are read elsewhere, before any callback exists.
     known_elsewhere = {"FASTBACKUP_PURE_PYTHON"}
