@@ -129,7 +129,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.config = config_lib.from_environ()
         # Picked once: an unsupported URL fails here, not at the first save.
         self.store = storage.open_store(
-            self.backup_dir, lease_seconds=self.config.lease_seconds
+            self.backup_dir,
+            lease_seconds=self.config.lease_seconds,
+            retry_seconds=self.config.retry_seconds,
         )
         self.resume_mid_epoch = (
             self.config.resume_mid_epoch

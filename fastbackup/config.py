@@ -63,6 +63,11 @@ class Config:
             lifetime; a killed job's backup can be taken over this long
             after its last renewal. `FASTBACKUP_LEASE_SECONDS`: seconds,
             from 0.5 to 86400. Defaults to 60.
+        retry_seconds: how long a request to an object store is retried
+            (with exponential backoff, on 5xx, 503 SlowDown and dropped
+            connections) before the write fails with `BackupWriteError`.
+            `FASTBACKUP_RETRY_SECONDS`: seconds, from 0.5 to 86400.
+            Defaults to 180.
     """
 
     compression_level: int | None = 1
@@ -75,6 +80,7 @@ class Config:
     resume_mid_epoch: bool = False
     handle_sigterm: bool = False
     lease_seconds: float = 60.0
+    retry_seconds: float = 180.0
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -134,12 +140,17 @@ def _seconds(name: str, raw: str) -> float:
     return value
 
 
-def lease_seconds_from_environ() -> float:
-    """`FASTBACKUP_LEASE_SECONDS`, validated (see `Config.lease_seconds`)."""
-    raw = os.environ.get("FASTBACKUP_LEASE_SECONDS")
+def seconds_from_environ(name: str) -> float:
+    """`FASTBACKUP_LEASE_SECONDS` or `FASTBACKUP_RETRY_SECONDS`, validated.
+
+    For stores opened outside a callback (the CLI); see `Config`.
+    """
+    field = {"FASTBACKUP_LEASE_SECONDS": "lease_seconds",
+             "FASTBACKUP_RETRY_SECONDS": "retry_seconds"}[name]
+    raw = os.environ.get(name)
     if raw is None:
-        return Config.lease_seconds
-    return _seconds("FASTBACKUP_LEASE_SECONDS", raw)
+        return getattr(Config, field)
+    return _seconds(name, raw)
 
 
 def from_environ(environ: Mapping[str, str] | None = None) -> Config:
@@ -181,6 +192,7 @@ def from_environ(environ: Mapping[str, str] | None = None) -> Config:
         "FASTBACKUP_RESUME_MID_EPOCH": ("resume_mid_epoch", _bool),
         "FASTBACKUP_HANDLE_SIGTERM": ("handle_sigterm", _bool),
         "FASTBACKUP_LEASE_SECONDS": ("lease_seconds", _seconds),
+        "FASTBACKUP_RETRY_SECONDS": ("retry_seconds", _seconds),
     }
     # Variables that are read elsewhere, before any callback exists.
     known_elsewhere = {"FASTBACKUP_PURE_PYTHON"}

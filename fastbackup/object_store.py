@@ -74,18 +74,18 @@ DEFAULT_LEASE_SECONDS = 60.0
 _RENEWALS_PER_LEASE = 4
 
 
-def _retry_config() -> dict[str, Any]:
-    # About 3 minutes of retries with backoff from 0.1 s to 15 s: longer
-    # than a typical S3 503 SlowDown episode, short enough that a dead
-    # endpoint becomes a BackupWriteError instead of a silent stall.
+def _retry_config(seconds: float) -> dict[str, Any]:
+    # By default 3 minutes of retries with backoff from 0.1 s to 15 s:
+    # longer than a typical S3 503 SlowDown episode, short enough that a
+    # dead endpoint becomes a BackupWriteError instead of a silent stall.
     return {
-        "max_retries": 10,
+        "max_retries": 20,
         "backoff": {
             "init_backoff": datetime.timedelta(milliseconds=100),
             "max_backoff": datetime.timedelta(seconds=15),
             "base": 2.0,
         },
-        "retry_timeout": datetime.timedelta(seconds=180),
+        "retry_timeout": datetime.timedelta(seconds=seconds),
     }
 
 
@@ -102,7 +102,7 @@ def _client_options(endpoint: str | None) -> dict[str, Any]:
     return options
 
 
-def _make_client(scheme: str, bucket: str) -> Any:
+def _make_client(scheme: str, bucket: str, retry_seconds: float) -> Any:
     """Creates the obstore client of a bucket from the standard variables."""
     from obstore.store import GCSStore, S3Store
 
@@ -124,7 +124,7 @@ def _make_client(scheme: str, bucket: str) -> Any:
         return S3Store(
             bucket,
             client_options=_client_options(endpoint),
-            retry_config=_retry_config(),
+            retry_config=_retry_config(retry_seconds),
             **kwargs,
         )
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -140,12 +140,12 @@ def _make_client(scheme: str, bucket: str) -> Any:
             bucket,
             config={"service_account_key": key},
             client_options=_client_options(base),
-            retry_config=_retry_config(),
+            retry_config=_retry_config(retry_seconds),
         )
     # GOOGLE_APPLICATION_CREDENTIALS, or the VM's metadata server.
     return GCSStore(
         bucket, client_options=_client_options(None),
-        retry_config=_retry_config(),
+        retry_config=_retry_config(retry_seconds),
     )
 
 
@@ -210,6 +210,9 @@ class ObjectStore(Store):
         lease_seconds: lifetime of the lock lease; a killed job's backup can
             be taken over this long after its last renewal. Defaults to
             `FASTBACKUP_LEASE_SECONDS`, or 60.
+        retry_seconds: how long a failing request is retried, with
+            backoff, before it fails. Defaults to `FASTBACKUP_RETRY_SECONDS`,
+            or 180.
         client: an obstore store for the bucket, instead of one made from
             the environment (tests, custom credentials).
 
@@ -223,22 +226,29 @@ class ObjectStore(Store):
         url: str,
         *,
         lease_seconds: float | None = None,
+        retry_seconds: float | None = None,
         client: Any = None,
     ) -> None:
         self.scheme, self.bucket, self.prefix = parse_url(url)
         self.location = f"{self.scheme}://{self.bucket}/{self.prefix}"
-        if lease_seconds is None:
-            from fastbackup import config as config_lib
+        from fastbackup import config as config_lib
 
-            lease_seconds = config_lib.lease_seconds_from_environ()
-        if not lease_seconds > 0:
-            raise ValueError(
-                "Invalid value for argument `lease_seconds`: expected a "
-                f"positive number. Received: lease_seconds={lease_seconds}"
-            )
+        if lease_seconds is None:
+            lease_seconds = config_lib.seconds_from_environ(
+                "FASTBACKUP_LEASE_SECONDS")
+        if retry_seconds is None:
+            retry_seconds = config_lib.seconds_from_environ(
+                "FASTBACKUP_RETRY_SECONDS")
+        for arg, value in (("lease_seconds", lease_seconds),
+                           ("retry_seconds", retry_seconds)):
+            if not value > 0:
+                raise ValueError(
+                    f"Invalid value for argument `{arg}`: expected a "
+                    f"positive number. Received: {arg}={value}"
+                )
         self.lease_seconds = float(lease_seconds)
         self.client = client if client is not None else _make_client(
-            self.scheme, self.bucket
+            self.scheme, self.bucket, float(retry_seconds)
         )
 
     def __repr__(self) -> str:

@@ -495,6 +495,7 @@ def open_store(
     backup_dir: str | os.PathLike[str] | Store,
     *,
     lease_seconds: float | None = None,
+    retry_seconds: float | None = None,
 ) -> Store:
     """Returns the store of a backup location.
 
@@ -504,6 +505,8 @@ def open_store(
             prefix`), or a `Store` (returned as is).
         lease_seconds: lifetime of an object store's lock lease. Defaults
             to `FASTBACKUP_LEASE_SECONDS` (60).
+        retry_seconds: how long an object store's requests are retried.
+            Defaults to `FASTBACKUP_RETRY_SECONDS` (180).
 
     Raises:
         ValueError: `backup_dir` is a URL of an unsupported scheme, or an
@@ -526,7 +529,9 @@ def open_store(
     from fastbackup import object_store
 
     if scheme in object_store.SCHEMES:
-        return object_store.ObjectStore(path, lease_seconds=lease_seconds)
+        return object_store.ObjectStore(
+            path, lease_seconds=lease_seconds, retry_seconds=retry_seconds
+        )
     raise ValueError(
         f"Unsupported URL scheme {scheme!r} in `backup_dir`: supported are a "
         "local path, file:///path, "
