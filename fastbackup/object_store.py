@@ -424,6 +424,16 @@ class ObjectStore(Store):
         except obx.BaseError as e:
             raise _io_error("deleting", self.location, e) from None
 
+    def _orphans(self) -> list[str]:
+        committed = {e["name"] for e in self._read_record()}
+        return sorted(
+            n for n in self._list_names()
+            if _CHECKPOINT_RE.match(n) and n not in committed
+        )
+
+    def list_temp_files(self) -> list[str]:
+        return [self.url_of(n) for n in self._orphans()]
+
     def remove_temp_files(self) -> list[str]:
         """Deletes checkpoint objects that no commit record names.
 
@@ -433,11 +443,7 @@ class ObjectStore(Store):
         lifecycle rule removes them (see docs/remote-storage.md); a failed
         upload in a live process is aborted by the client.
         """
-        committed = {e["name"] for e in self._read_record()}
-        orphans = [
-            n for n in self._list_names()
-            if _CHECKPOINT_RE.match(n) and n not in committed
-        ]
+        orphans = self._orphans()
         self._delete(orphans)
         if orphans:
             log.info("removed %d uncommitted checkpoint object(s) left by an "
@@ -477,6 +483,8 @@ class ObjectStore(Store):
         key = self._key(name)
         try:
             size = int(obstore.head(self.client, key)["size"])
+        except FileNotFoundError:
+            raise  # pruned by a running training
         except obx.BaseError as e:
             raise _io_error(f"reading {name}", location, e) from None
         fd = os.memfd_create(f"fastbackup-{name}", os.MFD_CLOEXEC)

@@ -337,6 +337,10 @@ class Store(abc.ABC):
         """Removes all but the `keep` newest checkpoints (after a commit)."""
 
     @abc.abstractmethod
+    def list_temp_files(self) -> list[str]:
+        """Lists what writers killed mid-write left (or a live writer's)."""
+
+    @abc.abstractmethod
     def remove_temp_files(self) -> list[str]:
         """Removes what writers killed mid-write left; call under the lock.
 
@@ -447,6 +451,16 @@ class LocalStore(Store):
 
     def prune(self, keep: int) -> None:
         prune(self.directory, keep)
+
+    def list_temp_files(self) -> list[str]:
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(
+            os.path.join(self.directory, n) for n in names
+            if _TEMP_RE.match(n)
+        )
 
     def remove_temp_files(self) -> list[str]:
         return remove_temp_files(self.directory)

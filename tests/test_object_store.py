@@ -552,3 +552,64 @@ def test_errno_of_a_failed_request_is_eio(fault_proxy, s3_url, monkeypatch):
         store.commit(0, _encoded(0), sync=True)
     assert info.value.errno == errno.EIO
     assert info.value.filename == f"{s3_url}/ckpt-000000000000.fbk"
+
+
+# CLI on URLs ------------------------------------------------------------------
+
+
+def test_cli_inspect_verify_export_on_a_url(s3_url, tmp_path, capsys):
+    from fastbackup import cli
+
+    x, y = make_data()
+    model = make_model()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
+        fastbackup.BackupAndRestore(s3_url, double_checkpoint=True,
+                                    delete_checkpoint=False)])
+    store = storage.open_store(s3_url)
+    (newest, newest_url), (older, _) = store.list_checkpoints()
+    obstore.put(store.client, store._key("ckpt-000000000009.fbk"), b"torn")
+
+    assert cli.main(["inspect", s3_url]) == 0
+    out = capsys.readouterr().out
+    assert f"backup directory {s3_url}: 2 checkpoint(s)" in out
+    assert out.index(newest_url.rsplit("/", 1)[1]) < out.index(
+        f"ckpt-{older:012d}.fbk")
+    assert "ok (every checksum verified)" in out
+    assert "leftover temporary file ckpt-000000000009.fbk" in out
+
+    assert cli.main(["verify", "--json", s3_url]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["newest_valid"] == newest_url
+    assert report["temp_files"] == [f"{s3_url}/ckpt-000000000009.fbk"]
+
+    untrained = make_model()
+    model_file = tmp_path / "model.keras"
+    untrained.save(model_file)
+    out_file = tmp_path / "out.weights.h5"
+    assert cli.main(["export", s3_url, str(out_file), "--model",
+                     str(model_file)]) == 0
+    assert f"exported ckpt-{newest:012d}.fbk" in capsys.readouterr().out
+    untrained.load_weights(out_file)
+    with store.open_checkpoint(newest_url) as reader:
+        kernel = np.empty(reader.entries[0].shape, reader.entries[0].np_dtype)
+        reader.read_tensor(reader.entries[0], kernel)
+    assert np.array(untrained.layers[0].kernel.numpy()).tobytes() == kernel.tobytes()
+
+    # Damage: verify reports it and exits 1. Nothing was modified by the CLI.
+    key = store._key(newest_url.rsplit("/", 1)[1])
+    data = bytearray(obstore.get(store.client, key).bytes())
+    data[40] ^= 0x10
+    obstore.put(store.client, key, bytes(data))
+    assert cli.main(["verify", s3_url]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "1 ok, 1 damaged" in out
+    assert "ckpt-000000000009.fbk" in _names(store)
+
+
+def test_cli_refuses_unsupported_and_empty_urls(s3_url, capsys):
+    from fastbackup import cli
+
+    assert cli.main(["inspect", "ftp://host/x"]) == 2
+    assert "Unsupported URL scheme 'ftp'" in capsys.readouterr().err
+    assert cli.main(["verify", s3_url]) == 2
+    assert "no fastbackup backup there" in capsys.readouterr().err
