@@ -235,13 +235,15 @@ def _measure_loop(
             model.fit(**inputs, epochs=spec.loop_epochs, verbose=0,
                       callbacks=[timing.start]
                       + ([callback] if callback else []) + [timing.stop])
-            run = {"loop_s": timing.loop_s, "cpu_s": timing.cpu_s,
+            run = {"loop_s": timing.loop_s, "steps_s": timing.steps_s,
+                   "end_s": timing.end_s, "cpu_s": timing.cpu_s,
                    "server_cpu_s": server_cpu() - server_before}
             if callback is not None:
                 run["saves"] = callback.stats.saves
             runs[key].append(run)
-            log(f"    {key:<8} loop {timing.loop_s:6.2f} s  (server CPU "
-                f"{run['server_cpu_s']:.2f} s)")
+            log(f"    {key:<8} loop {timing.loop_s:6.2f} s  (steps "
+                f"{timing.steps_s:5.2f} s, end {timing.end_s:5.2f} s; server "
+                f"CPU {run['server_cpu_s']:.2f} s)")
             shutil.rmtree(local_dir, ignore_errors=True)
             settle()
     for callback in callbacks.values():
@@ -253,6 +255,8 @@ def _measure_loop(
         loop_s = statistics.median(r["loop_s"] for r in items)
         summary[key] = {
             "median_loop_s": loop_s, "overhead": loop_s / none - 1.0,
+            "median_steps_s": statistics.median(r["steps_s"] for r in items),
+            "median_end_s": statistics.median(r["end_s"] for r in items),
             "median_cpu_s": statistics.median(r["cpu_s"] for r in items),
             "median_server_cpu_s": statistics.median(
                 r["server_cpu_s"] for r in items),

@@ -268,7 +268,8 @@ def object_store_table(so: dict[str, Any]) -> str:
          _s(m["fastbackup_download_s"]), rate(m["fastbackup_download_s"])],
         ["obstore raw parallel ranged get", _s(m["raw_get_s"]), rate(m["raw_get_s"])],
     ] + [
-        [f"training loop, {key} (server CPU {s['median_server_cpu_s']:.2f} s)",
+        [f"training loop, {key} (steps {_s(s['median_steps_s'])}, end "
+         f"{_s(s['median_end_s'])}; server CPU {s['median_server_cpu_s']:.2f} s)",
          _s(s["median_loop_s"]),
          "-" if key == "none" else f"overhead {s['overhead']:+.1%}"]
         for key, s in loop.items()

@@ -250,6 +250,14 @@ class ObjectStore(Store):
         self.client = client if client is not None else _make_client(
             self.scheme, self.bucket, float(retry_seconds)
         )
+        # The commit record as this process last read or wrote it. While
+        # this process holds the lease nobody else writes it, so commits
+        # need not read it again.
+        self._record: list[dict[str, Any]] | None = None
+        # How many checkpoints `prune` keeps (learnt at its first call), and
+        # the objects a commit dropped from the record for `prune` to delete.
+        self._keep: int | None = None
+        self._dropped: list[str] = []
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.location!r})"
@@ -298,11 +306,21 @@ class ObjectStore(Store):
                 raise OSError(errno.EBADMSG, "the commit record names an "
                               f"invalid object {e['name']!r}",
                               self.url_of(COMMIT_RECORD))
-        return sorted(entries, key=lambda e: e["step"], reverse=True)
+        entries.sort(key=lambda e: e["step"], reverse=True)
+        self._record = entries
+        return list(entries)
+
+    def _committed(self) -> list[dict[str, Any]]:
+        """The commit record, read again unless this process holds the lease."""
+        if self._record is not None and self._held_lease() is not None:
+            return list(self._record)
+        return self._read_record()
 
     def _write_record(self, entries: list[dict[str, Any]]) -> None:
         body = json.dumps({"format": 1, "checkpoints": entries}).encode()
+        self._record = None  # unknown if the PUT fails half way
         self._put_small(COMMIT_RECORD, body)
+        self._record = list(entries)
 
     def _get_small(self, name: str) -> bytes | None:
         try:
@@ -322,6 +340,12 @@ class ObjectStore(Store):
 
     def list_checkpoints(self) -> list[tuple[int, str]]:
         return [(e["step"], self.url_of(e["name"])) for e in self._read_record()]
+
+    def _size_of(self, name: str) -> int:
+        for e in self._record or []:
+            if e["name"] == name:
+                return int(e["size"])
+        return int(obstore.head(self.client, self._key(name))["size"])
 
     def commit(
         self,
@@ -386,19 +410,26 @@ class ObjectStore(Store):
             raise WriteCancelled(name)
         if held is not None:
             held.check()
-        # The commit point: the record now names the new checkpoint.
-        entries = [e for e in self._read_record() if e["step"] != step]
+        # The commit point: the record now names the new checkpoint (and,
+        # once `prune` has said how many to keep, only those: the objects it
+        # no longer names are deleted by the `prune` that follows).
+        entries = [e for e in self._committed() if e["step"] != step]
         entries.insert(0, {"step": int(step), "name": name, "size": sizes[0]})
+        if self._keep is not None:
+            self._dropped += [e["name"] for e in entries[self._keep:]]
+            entries = entries[:self._keep]
         self._write_record(entries)
         return CommitResult(url, step, sizes[0], time.perf_counter() - start)
 
     def prune(self, keep: int) -> None:
-        entries = self._read_record()
-        if len(entries) <= keep:
-            return
-        # The record forgets them first: it never names a deleted object.
-        self._write_record(entries[:keep])
-        self._delete([e["name"] for e in entries[keep:]])
+        self._keep = keep
+        entries = self._committed()
+        dropped, self._dropped = self._dropped, []
+        if len(entries) > keep:
+            # The record forgets them first: it never names a deleted object.
+            self._write_record(entries[:keep])
+            dropped += [e["name"] for e in entries[keep:]]
+        self._delete(dropped)
 
     def _list_names(self) -> list[str]:
         """Names of every object under the prefix (ours only: bounded)."""
@@ -425,7 +456,7 @@ class ObjectStore(Store):
             raise _io_error("deleting", self.location, e) from None
 
     def _orphans(self) -> list[str]:
-        committed = {e["name"] for e in self._read_record()}
+        committed = {e["name"] for e in self._committed()}
         return sorted(
             n for n in self._list_names()
             if _CHECKPOINT_RE.match(n) and n not in committed
@@ -482,7 +513,9 @@ class ObjectStore(Store):
         name = self._name_of_url(location)
         key = self._key(name)
         try:
-            size = int(obstore.head(self.client, key)["size"])
+            # The size the record gives (a HEAD when it does not): a
+            # different object under that name fails the reader's checks.
+            size = self._size_of(name)
         except FileNotFoundError:
             raise  # pruned by a running training
         except obx.BaseError as e:
@@ -581,6 +614,8 @@ class ObjectStore(Store):
                 held.lease.release()
             lease = _Lease(self)
             lease.acquire()
+            # Another job may have committed since this process last looked.
+            self._record = None
             _held[self.location] = _Held(
                 lease, weakref.ref(owner), flush, threading.get_ident()
             )

@@ -504,8 +504,11 @@ def test_kill_9_mid_upload_leaves_a_whole_committed_checkpoint(s3_url):
                 line = proc.stdout.readline()
                 assert line, proc.stderr.read()[-3000:]
                 batches += 1
-            # Kill while a multipart upload is in flight. Uploads killed
-            # earlier stay listed (a lifecycle rule removes them).
+            # Kill while a multipart upload is in flight, once a checkpoint
+            # is committed. Uploads killed earlier stay listed (a lifecycle
+            # rule removes them).
+            while not store.list_checkpoints() and time.monotonic() < deadline:
+                time.sleep(0.01)
             while (not set(list_multipart_uploads(endpoint, store.bucket)) - before
                    and time.monotonic() < deadline):
                 time.sleep(0.005)
