@@ -132,7 +132,7 @@ def measure(
                 raise RuntimeError("nothing restored from the bucket")
 
         def fastbackup_download() -> None:
-            # The download alone: open_checkpoint (HEAD + ranged GETs).
+            # The download alone: open_checkpoint (ranged GETs).
             [(_, u)] = store.list_checkpoints()
             start = time.perf_counter()
             with store.open_checkpoint(u):
