@@ -184,6 +184,12 @@ def parse_url(url: str) -> tuple[str, str, str]:
     return scheme, bucket, prefix
 
 
+def record_bytes(entries: list[dict[str, Any]]) -> bytes:
+    """The commit record naming `entries` (`step`, `name`, `size`), newest
+    first."""
+    return json.dumps({"format": 1, "checkpoints": entries}).encode()
+
+
 def _io_error(what: str, url: str, e: BaseException) -> OSError:
     err = OSError(errno.EIO, f"{what} failed: {e}", url)
     err.__cause__ = e
@@ -317,7 +323,7 @@ class ObjectStore(Store):
         return self._read_record()
 
     def _write_record(self, entries: list[dict[str, Any]]) -> None:
-        body = json.dumps({"format": 1, "checkpoints": entries}).encode()
+        body = record_bytes(entries)
         self._record = None  # unknown if the PUT fails half way
         self._put_small(COMMIT_RECORD, body)
         self._record = list(entries)

@@ -140,3 +140,13 @@ def fault_proxy(moto_server, s3_url, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     yield proxy
     proxy.close()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """fake-gcs-server, one process for the whole session."""
+    from tests.object_servers import FakeGCSServer
+
+    server = FakeGCSServer().start()
+    yield server
+    server.stop()

