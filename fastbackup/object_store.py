@@ -702,6 +702,10 @@ class _Lease:
             expires = float(info["expires"])
         except (ValueError, KeyError, TypeError):
             info, expires = {}, 0.0  # unreadable: treated as expired
+        if info.get("owner") == self.owner:
+            # Our own create, retried by the client after a lost reply.
+            self._took(meta)
+            return
         if time.time() < expires:
             raise self._locked(info)
         mode = {"e_tag": meta.get("e_tag") or ""}
@@ -740,6 +744,8 @@ class _Lease:
                                        self._body(), mode=self._mode()))
                 valid_until = time.monotonic() + self.seconds
             except (obx.PreconditionError, FileNotFoundError):
+                if self._still_ours():
+                    continue
                 self._lose("another job took it over")
                 return
             except obx.BaseError as e:
@@ -748,6 +754,20 @@ class _Lease:
                     return
                 log.warning("fastbackup: renewing the lease of %s failed, "
                             "retrying: %s", self.store.location, e)
+
+    def _still_ours(self) -> bool:
+        """After a failed conditional renewal: a renewal that succeeded but
+        whose reply was lost, then retried by the client, fails its
+        precondition against our own new ETag. Adopts it if so."""
+        try:
+            got = obstore.get(self.store.client, self.key)
+            info = json.loads(bytes(got.bytes()))
+        except (obx.BaseError, ValueError):
+            return False
+        if info.get("owner") != self.owner:
+            return False
+        self._took(got.meta)
+        return True
 
     def _lose(self, why: str) -> None:
         self.lost = True
