@@ -258,7 +258,7 @@ def object_store_table(so: dict[str, Any]) -> str:
     rate = lambda t: "-" if not t else f"{size / t / MB:.0f} MB/s"  # noqa: E731
     loop = so["loop"]["summary"]
     rows = [
-        ["fastbackup upload (encode, CRC, multipart, commit record)",
+        ["fastbackup upload (encode, CRC, multipart, commit record; no prune)",
          _s(m["fastbackup_upload_s"]), rate(m["fastbackup_upload_s"])],
         ["obstore raw put, same bytes, same parts", _s(m["raw_put_s"]),
          rate(m["raw_put_s"])],
@@ -274,6 +274,9 @@ def object_store_table(so: dict[str, Any]) -> str:
          "-" if key == "none" else f"overhead {s['overhead']:+.1%}"]
         for key, s in loop.items()
     ]
+    rows.append(["upload / raw put, restore / raw get (median of per-round ratios)",
+                 "-", f"{so.get('upload_vs_raw_paired') or 0:.2f}x, "
+                      f"{so.get('restore_vs_raw_paired') or 0:.2f}x"])
     title = (f"s. object store: moto S3 on 127.0.0.1, {_s(size, 'MB')} object, "
              f"{so['part_bytes'] >> 20} MiB parts x {so['concurrency']}; restore exact: "
              f"{so['restore_exact']}")
