@@ -2,14 +2,14 @@
 
 `open_store(backup_dir)` picks the one implementation that handles a backup
 location: `LocalStore` for a path, `fastbackup.object_store.ObjectStore` for
-an `s3://`, `gs://` or `az://` URL. The writer, the callback, restore and the
-CLI talk to the `Store` interface only.
+an `s3://` or `gs://` URL. The writer, the callback, restore and the CLI
+talk to the `Store` interface only.
 
-A local backup directory holds checkpoints named `ckpt-<step>.fbk`, where `step` is
-a sequence number that only grows, plus a lock file. A checkpoint is created
-under a temporary name and renamed into place by the native extension; older
-checkpoints are removed only after the new one is durable, so a crash at any
-instant leaves at least one complete checkpoint.
+A local backup directory holds checkpoints named `ckpt-<step>.fbk`, where
+`step` is a sequence number that only grows, plus a lock file. A checkpoint
+is created under a temporary name and renamed into place by the native
+extension; older checkpoints are removed only after the new one is durable,
+so a crash at any instant leaves at least one complete checkpoint.
 """
 
 from __future__ import annotations
@@ -386,8 +386,9 @@ class Store(abc.ABC):
     def write_object(self, name: str, data: bytes) -> None:
         """Stores a small named object atomically (replacing any previous).
 
-        For sidecar data such as a model's configuration. The object is
-        removed with the backup by `remove_all`.
+        For sidecar data such as a model's configuration; call it while
+        holding the lock (a local store's directory exists from then on).
+        The object is removed with the backup by `remove_all`.
 
         Args:
             name: a plain name: letters, digits, `_`, `.`, `-`; not a
