@@ -30,7 +30,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true",
                         help="small model (Dense(1024) layers, ~76 MB of state); "
-                             "under 2 minutes. Default: the ~100M-parameter model "
+                             "under 2 minutes, plus 1-1.5 minutes for section s "
+                             "(55-94 s measured). Default: the ~100M-parameter model "
                              "(~1.2 GB of state), about 15 minutes")
     parser.add_argument("--out", default="bench-results",
                         help="folder for results.json and results.png "
