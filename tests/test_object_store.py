@@ -235,29 +235,33 @@ def _start_holder(url, lease):
 
 
 def test_second_job_is_refused_while_the_first_renews(s3_url):
-    holder = _start_holder(s3_url, lease=1.0)
+    # Lifetimes of 3 s (renewed every 0.75 s) leave a loaded machine's
+    # scheduling delays far from the expiry.
+    holder = _start_holder(s3_url, lease=3.0)
     try:
         owner = _Owner()
-        # Three lifetimes later the holder has kept renewing: still refused.
+        # Checked over more than a lifetime: the holder kept renewing.
         for _ in range(3):
-            store = storage.open_store(s3_url, lease_seconds=1.0)
+            store = storage.open_store(s3_url, lease_seconds=3.0)
             with pytest.raises(BackupDirLockedError, match="locked by another job"):
                 store.acquire_lock(owner, owner.flush)
-            time.sleep(1.0)
+            time.sleep(1.6)
     finally:
         holder.kill()
         holder.wait(timeout=SUBPROCESS_TIMEOUT)
 
 
 def test_killed_jobs_lease_is_taken_over_after_expiry(s3_url, caplog):
-    holder = _start_holder(s3_url, lease=1.5)
+    holder = _start_holder(s3_url, lease=3.0)
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=SUBPROCESS_TIMEOUT)
-    store = storage.open_store(s3_url, lease_seconds=1.5)
+    killed_at = time.monotonic()
+    store = storage.open_store(s3_url, lease_seconds=3.0)
     owner = _Owner()
     with pytest.raises(BackupDirLockedError, match="lease valid"):
         store.acquire_lock(owner, owner.flush)
-    time.sleep(1.6)
+    # The lease was last renewed before the kill: it has expired 3 s later.
+    time.sleep(max(0.0, killed_at + 3.1 - time.monotonic()))
     with caplog.at_level(logging.WARNING, logger="fastbackup"):
         store.acquire_lock(owner, owner.flush)
     assert "took over the expired lease" in caplog.text
