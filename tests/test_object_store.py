@@ -497,7 +497,7 @@ def test_kill_9_mid_upload_leaves_a_whole_committed_checkpoint(s3_url):
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     mid_upload = 0
     before: set[str] = set()
-    for kill in range(2):
+    for kill in range(3):
         proc = subprocess.Popen(
             [sys.executable, "-c", _TRAINER.format(repo=REPO, url=s3_url)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -517,12 +517,13 @@ def test_kill_9_mid_upload_leaves_a_whole_committed_checkpoint(s3_url):
             while (not set(list_multipart_uploads(endpoint, store.bucket)) - before
                    and time.monotonic() < deadline):
                 time.sleep(0.005)
-            uploading = set(list_multipart_uploads(endpoint, store.bucket)) - before
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=SUBPROCESS_TIMEOUT)
-        mid_upload += bool(uploading)
-        before |= uploading
+        # Still listed after the kill: the kill landed mid-upload.
+        left = set(list_multipart_uploads(endpoint, store.bucket)) - before
+        mid_upload += bool(left)
+        before |= left
         committed = store.list_checkpoints()
         assert committed, "a checkpoint was committed before the kill"
         time.sleep(1.1)  # the killed job's lease expires
