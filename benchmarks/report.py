@@ -60,6 +60,7 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     d = _get(results, "d_restore", "median") or {}
     e = _get(results, "e_memory", "fastbackup/saves") or {}
     w = _get(results, "c_writer_cpu", "median") or {}
+    so = results.get("s_object_store") or {}
     le = lambda v, lim: v <= lim  # noqa: E731
     ge = lambda v, lim: v >= lim  # noqa: E731
     return [
@@ -88,6 +89,12 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
         _check("e", "peak RSS added <= 1.25x state",
                _ratio(e.get("added_bytes"), e.get("state_bytes")),
                1.25, le, "{:.2f}x state"),
+        _check("s1", "S3 upload >= 0.9x obstore's raw put",
+               so.get("upload_vs_raw"), 0.9, ge, "{:.2f}x raw"),
+        _check("s2", "S3 restore >= 0.9x raw parallel get",
+               so.get("restore_vs_raw"), 0.9, ge, "{:.2f}x raw"),
+        _check("s3", "loop overhead to S3, save_freq=5 <= 1.5x local",
+               _get(so, "loop", "overhead_vs_local"), 1.5, le, "{:.2f}x local"),
     ]
 
 
@@ -288,7 +295,42 @@ def detail_tables(results: dict[str, Any]) -> str:
     j = results.get("j_jax_snapshot")
     if j:
         parts.append(jax_snapshot_table(j))
+    so = results.get("s_object_store")
+    if so:
+        parts.append(object_store_table(so))
     return "\n\n".join(parts)
+
+
+def object_store_table(so: dict[str, Any]) -> str:
+    """Section s: an S3 bucket on a local moto server."""
+    m = so["median"]
+    size = so["object_bytes"]
+    rate = lambda t: "-" if not t else f"{size / t / MB:.0f} MB/s"  # noqa: E731
+    loop = so["loop"]["summary"]
+    rows = [
+        ["fastbackup upload (encode, CRC, multipart, commit record; no prune)",
+         _s(m["fastbackup_upload_s"]), rate(m["fastbackup_upload_s"])],
+        ["obstore raw put, same bytes, same parts", _s(m["raw_put_s"]),
+         rate(m["raw_put_s"])],
+        ["fastbackup restore_latest (download, verify, assign)",
+         _s(m["fastbackup_restore_s"]), rate(m["fastbackup_restore_s"])],
+        ["  of which the download (ranged GETs into a memfd)",
+         _s(m["fastbackup_download_s"]), rate(m["fastbackup_download_s"])],
+        ["obstore raw parallel ranged get", _s(m["raw_get_s"]), rate(m["raw_get_s"])],
+    ] + [
+        [f"training loop, {key} (steps {_s(s['median_steps_s'])}, end "
+         f"{_s(s['median_end_s'])}; server CPU {s['median_server_cpu_s']:.2f} s)",
+         _s(s["median_loop_s"]),
+         "-" if key == "none" else f"overhead {s['overhead']:+.1%}"]
+        for key, s in loop.items()
+    ]
+    rows.append(["upload / raw put, restore / raw get (median of per-round ratios)",
+                 "-", f"{so.get('upload_vs_raw_paired') or 0:.2f}x, "
+                      f"{so.get('restore_vs_raw_paired') or 0:.2f}x"])
+    title = (f"s. object store: moto S3 on 127.0.0.1, {_s(size, 'MB')} object, "
+             f"{so['part_bytes'] >> 20} MiB parts x {so['concurrency']}; restore exact: "
+             f"{so['restore_exact']}")
+    return title + "\n" + _table(["measurement (median)", "time", "rate / overhead"], rows)
 
 
 def jax_snapshot_table(j: dict[str, Any]) -> str:

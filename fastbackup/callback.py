@@ -74,9 +74,12 @@ class BackupAndRestore(keras.callbacks.Callback):
     6
 
     Args:
-        backup_dir: String, path of the directory where the state is stored.
-            It must not be shared with another training run or another
-            callback (an advisory lock enforces this).
+        backup_dir: String, path of the directory where the state is stored,
+            or the URL of a prefix in an object store: `s3://bucket/prefix`
+            or `gs://bucket/prefix` (see docs/remote-storage.md). It must
+            not be shared with another training run or another callback (an
+            advisory lock, or a lease in an object store, enforces this). A
+            URL of any other scheme raises `ValueError`.
         save_freq: `"epoch"`, integer, or `False`. `"epoch"` saves at the
             end of each epoch; an integer N saves every N batches, counted
             across epochs as Keras does; `False` disables periodic saves
@@ -127,6 +130,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.double_checkpoint = double_checkpoint
         self.delete_checkpoint = delete_checkpoint
         self.config = config_lib.from_environ()
+        # Picked once: an unsupported URL fails here, not at the first save.
+        self.store = storage.open_store(
+            self.backup_dir,
+            lease_seconds=self.config.lease_seconds,
+            retry_seconds=self.config.retry_seconds,
+        )
         self.resume_mid_epoch = (
             self.config.resume_mid_epoch
             if resume_mid_epoch is None
@@ -205,13 +214,12 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._raise_copy_error()
         # A previous, interrupted fit may still be writing its last state.
         writer.wait_until_finished()
-        storage.acquire_lock(
-            self.backup_dir,
+        self.store.acquire_lock(
             self,
             lambda: writer.wait_until_finished(raise_errors=False),
         )
-        storage.remove_temp_files(self.backup_dir)
-        checkpoints = storage.list_checkpoints(self.backup_dir)
+        self.store.remove_temp_files()
+        checkpoints = self.store.list_checkpoints()
         writer.next_step = checkpoints[0][0] + 1 if checkpoints else 0
         self._batches_seen_since_last_saving = 0
         self._last_batch_seen = 0
@@ -319,9 +327,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._raise_writer_error()
         self._raise_copy_error()
         self._log_summary()
-        if delete and os.path.exists(self.backup_dir):
-            storage.remove_backup_dir(self.backup_dir)
-        storage.release_lock(self.backup_dir, self)
+        if delete and self.store.exists():
+            self.store.remove_all()
+        self.store.release_lock(self)
         if late_sigterm and callable(previous_sigterm):
             previous_sigterm(signal.SIGTERM, None)
 
@@ -330,7 +338,7 @@ class BackupAndRestore(keras.callbacks.Callback):
     def _get_writer(self) -> BackgroundWriter:
         if self._writer is None:
             self._writer = BackgroundWriter(
-                self.backup_dir,
+                self.store,
                 fmt.CompressionPolicy(self.config.compression_level),
                 keep=2 if self.double_checkpoint else 1,
                 sync=self.config.fsync,
@@ -441,7 +449,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                      "`export` will need --model or --model-factory: %s",
                      not_stored)
         try:
-            storage.write_model_config(self.backup_dir, data, self.config.fsync)
+            self.store.write_object(storage.MODEL_CONFIG_NAME, data)
         except OSError as e:
             # Only `export` needs it, and checkpoints that record no config
             # make `export` ask for the model: training goes on.
@@ -522,7 +530,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             # Make sure optimizer variables exist before loading.
             model.optimizer.build(model.trainable_variables)
         reader = restore.restore_latest(
-            self.backup_dir, model, fall_back=self.double_checkpoint
+            self.store, model, fall_back=self.double_checkpoint
         )
         if reader is None:
             return

@@ -1,6 +1,10 @@
 """Command-line tools: `python -m fastbackup inspect | verify | export | bench`.
 
 * `inspect DIR` describes every checkpoint of a backup directory.
+
+DIR is a local directory (or one checkpoint file) or an object-store URL
+(`s3://bucket/prefix`, `gs://bucket/prefix`); a URL lists only committed
+checkpoints, and reports uncommitted uploads as leftover temporary files.
 * `verify DIR` checks every checkpoint's checksums; exit status 1 when any
   is damaged.
 * `export DIR OUT.weights.h5 [--model M]` writes the newest valid
@@ -33,7 +37,6 @@ from typing import Any, TextIO
 
 from fastbackup import storage
 from fastbackup.errors import CheckpointCorruptError, CheckpointMismatchError
-from fastbackup.format import CheckpointReader
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -59,16 +62,7 @@ class Target:
     checkpoints: list[tuple[int | None, str]]  # newest first
     temp_files: list[str]
     lock_file: bool
-
-
-def _temp_files(directory: str) -> list[str]:
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    return sorted(
-        os.path.join(directory, n) for n in names if storage._TEMP_RE.match(n)
-    )
+    store: storage.Store
 
 
 def _resolve(path: str) -> Target:
@@ -78,25 +72,47 @@ def _resolve(path: str) -> Target:
         UsageError: `path` does not exist, or is a directory holding neither
             a checkpoint nor fastbackup's lock or temporary files.
     """
+    if storage.is_url(path):
+        return _resolve_url(path)
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file or directory")
     if os.path.isfile(path):
         # A single checkpoint, e.g. one copied out of its directory.
-        return Target(os.path.dirname(path) or ".", [(None, path)], [], False)
+        directory = os.path.dirname(path) or "."
+        return Target(directory, [(None, path)], [], False,
+                      storage.LocalStore(directory))
     if not os.path.isdir(path):
         raise UsageError(f"{path}: not a directory or a checkpoint file")
+    store = storage.LocalStore(path)
     try:
-        checkpoints = storage.list_checkpoints(path)
+        checkpoints = store.list_checkpoints()
     except OSError as e:
         raise UsageError(f"{path}: cannot list the directory: {e}") from None
-    temps = _temp_files(path)
+    temps = store.list_temp_files()
     lock = os.path.exists(os.path.join(path, storage.LOCK_NAME))
     if not checkpoints and not temps and not lock:
         raise UsageError(
             f"{path}: not a fastbackup backup directory (it holds no "
             f"ckpt-<step>.fbk checkpoint and no {storage.LOCK_NAME} file)"
         )
-    return Target(path, list(checkpoints), temps, lock)
+    return Target(path, list(checkpoints), temps, lock, store)
+
+
+def _resolve_url(url: str) -> Target:
+    try:
+        store = storage.open_store(url)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        checkpoints = store.list_checkpoints()
+        temps = store.list_temp_files()
+        present = bool(checkpoints or temps) or store.exists()
+    except OSError as e:
+        raise UsageError(f"{url}: cannot read the backup: {e}") from None
+    if not present:
+        raise UsageError(f"{url}: no fastbackup backup there (nothing under "
+                         "this prefix)")
+    return Target(store.location, list(checkpoints), temps, False, store)
 
 
 # Reading checkpoints ---------------------------------------------------------
@@ -163,11 +179,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _examine(path: str, verify: bool) -> Report:
+def _examine(store: storage.Store, path: str, verify: bool) -> Report:
     """Opens, describes and (optionally) fully verifies one checkpoint."""
     report = Report(file=path, status="unverified")
     try:
-        reader = CheckpointReader(path)
+        reader = store.open_checkpoint(path)
     except FileNotFoundError:
         # A running training prunes its older checkpoints.
         report.status = "vanished"
@@ -300,7 +316,8 @@ def _print_inspect(r: Report, now: float, out: TextIO) -> None:
 
 
 def _examine_all(target: Target, verify: bool) -> list[Report]:
-    reports = [_examine(path, verify) for _, path in target.checkpoints]
+    reports = [_examine(target.store, path, verify)
+               for _, path in target.checkpoints]
     return [r for r in reports if r.status != "vanished"]
 
 
@@ -308,11 +325,11 @@ def _exit_status(reports: list[Report]) -> int:
     return EXIT_DAMAGED if any(r.status == "damaged" for r in reports) else EXIT_OK
 
 
-def _model_config_report(directory: str) -> dict[str, Any] | None:
+def _model_config_report(store: storage.Store) -> dict[str, Any] | None:
     """What the stored model config file says, for `inspect`."""
-    path = os.path.join(directory, storage.MODEL_CONFIG_NAME)
+    path = os.path.join(store.location, storage.MODEL_CONFIG_NAME)
     try:
-        data = storage.read_model_config(directory)
+        data = store.read_object(storage.MODEL_CONFIG_NAME)
     except (OSError, ValueError) as e:
         return {"file": path, "error": str(e)}
     if data is None:
@@ -362,7 +379,7 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     reports = _examine_all(target, verify=not args.no_verify)
     now = time.time()
     single = len(target.checkpoints) == 1 and target.checkpoints[0][0] is None
-    config = _model_config_report(target.directory)
+    config = _model_config_report(target.store)
     if args.json:
         json.dump(
             {
@@ -519,7 +536,7 @@ def _load_model(args: argparse.Namespace) -> Any:
     return _ready_for_export(model, source)
 
 
-def _stored_model(directory: str, reader: CheckpointReader) -> Any:
+def _stored_model(store: storage.Store, reader: CheckpointReader) -> Any:
     """The model rebuilt from the config stored beside the checkpoints.
 
     Raises:
@@ -527,10 +544,10 @@ def _stored_model(directory: str, reader: CheckpointReader) -> Any:
     """
     from fastbackup import model_config
 
-    path = os.path.join(directory, storage.MODEL_CONFIG_NAME)
+    path = os.path.join(store.location, storage.MODEL_CONFIG_NAME)
     hint = "; pass the model with --model or --model-factory"
     try:
-        data = storage.read_model_config(directory)
+        data = store.read_object(storage.MODEL_CONFIG_NAME)
         if data is None:
             raise model_config.ModelConfigError(
                 f"{path} does not exist (the backup was written by a "
@@ -595,11 +612,11 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     chosen = None
     for _, path in candidates:
         try:
-            with CheckpointReader(path) as reader:
+            with target.store.open_checkpoint(path) as reader:
                 if model is None:
                     # Rebuilt for the newest readable checkpoint, whose
                     # header vouches for the stored config.
-                    model = _stored_model(target.directory, reader)
+                    model = _stored_model(target.store, reader)
                 # read_state verifies every tensor's checksum as it reads.
                 values = restore.read_state(reader, model)
                 chosen = (path, reader.step, reader.epoch, reader.batch)

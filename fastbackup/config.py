@@ -67,6 +67,16 @@ class Config:
             host only; elsewhere saves copy synchronously.
             `FASTBACKUP_OVERLAP`: on/off. Defaults to off (on a 2-core
             machine its gain was within the noise, see docs/benchmarks.md).
+        lease_seconds: lifetime of the lock lease of an object-store backup
+            (`s3://`, `gs://`): the holder renews it four times per
+            lifetime; a killed job's backup can be taken over this long
+            after its last renewal. `FASTBACKUP_LEASE_SECONDS`: seconds,
+            from 0.5 to 86400. Defaults to 60.
+        retry_seconds: how long a request to an object store is retried
+            (with exponential backoff, on 5xx, 503 SlowDown and dropped
+            connections) before the write fails with `BackupWriteError`.
+            `FASTBACKUP_RETRY_SECONDS`: seconds, from 0.5 to 86400.
+            Defaults to 180.
     """
 
     compression_level: int | None = 1
@@ -79,6 +89,8 @@ class Config:
     resume_mid_epoch: bool = False
     handle_sigterm: bool = False
     overlap: bool = False
+    lease_seconds: float = 60.0
+    retry_seconds: float = 180.0
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -128,6 +140,33 @@ def _pending(value: str) -> int | None:
     return None if value == "auto" else int(value)
 
 
+def _seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = float("nan")
+    if not 0.5 <= value <= 86400:
+        raise ConfigError(
+            f"Invalid value for environment variable `{name}`. "
+            f"Received: {name}={raw!r}. Expected a number of seconds from "
+            "0.5 to 86400."
+        )
+    return value
+
+
+def seconds_from_environ(name: str) -> float:
+    """`FASTBACKUP_LEASE_SECONDS` or `FASTBACKUP_RETRY_SECONDS`, validated.
+
+    For stores opened outside a callback (the CLI); see `Config`.
+    """
+    field = {"FASTBACKUP_LEASE_SECONDS": "lease_seconds",
+             "FASTBACKUP_RETRY_SECONDS": "retry_seconds"}[name]
+    raw = os.environ.get(name)
+    if raw is None:
+        return getattr(Config, field)
+    return _seconds(name, raw)
+
+
 def from_environ(environ: Mapping[str, str] | None = None) -> Config:
     """Reads and validates every `FASTBACKUP_*` variable.
 
@@ -167,6 +206,8 @@ def from_environ(environ: Mapping[str, str] | None = None) -> Config:
         "FASTBACKUP_RESUME_MID_EPOCH": ("resume_mid_epoch", _bool),
         "FASTBACKUP_HANDLE_SIGTERM": ("handle_sigterm", _bool),
         "FASTBACKUP_OVERLAP": ("overlap", _bool),
+        "FASTBACKUP_LEASE_SECONDS": ("lease_seconds", _seconds),
+        "FASTBACKUP_RETRY_SECONDS": ("retry_seconds", _seconds),
     }
     # Variables that are read elsewhere, before any callback exists.
     known_elsewhere = {"FASTBACKUP_PURE_PYTHON"}

@@ -364,16 +364,20 @@ class CheckpointReader:
     reaches a model.
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file (or, with `file`, its name in messages).
+        file: an open binary file to read instead of opening `path`; the
+            reader owns it. Defaults to `None`.
 
     Raises:
         CheckpointCorruptError: the file is not a valid checkpoint.
         OSError: the file cannot be opened or read.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], file: BinaryIO | None = None
+    ) -> None:
         self.path = os.fspath(path)
-        self._file: BinaryIO = open(self.path, "rb")
+        self._file: BinaryIO = open(self.path, "rb") if file is None else file
         self._map: mmap.mmap | None = None
         try:
             self._parse()

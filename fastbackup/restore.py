@@ -120,12 +120,13 @@ def _assign(plan: list[tuple[Any, TensorEntry]], values: list[np.ndarray]) -> No
 
 
 def restore_latest(
-    directory: str, model: keras.Model, fall_back: bool
+    directory: str | storage.Store, model: keras.Model, fall_back: bool
 ) -> CheckpointReader | None:
     """Restores the newest valid checkpoint of `directory` into `model`.
 
     Args:
-        directory: the backup directory.
+        directory: the backup location: a `storage.Store`, or a path or URL
+            for `storage.open_store`.
         model: a built model whose optimizer is built.
         fall_back: when the newest checkpoint is damaged, restore the
             previous one (`double_checkpoint=True`) instead of raising.
@@ -139,13 +140,14 @@ def restore_latest(
             fallback is allowed or available.
         CheckpointMismatchError: the checkpoint does not fit the model.
     """
-    candidates = storage.list_checkpoints(directory)
+    store = storage.open_store(directory)
+    candidates = store.list_checkpoints()
     if not fall_back:
         candidates = candidates[:1]
     first_error: CheckpointCorruptError | None = None
     for _, path in candidates:
         try:
-            with CheckpointReader(path) as reader:
+            with store.open_checkpoint(path) as reader:
                 plan = match_state(reader, model)
                 # Every checksum is verified before the model is touched.
                 # The values are views of the mapped file: it is read once,

@@ -1,15 +1,22 @@
-"""The backup directory: naming, locking, atomic commit, listing, pruning.
+"""Where checkpoints live: the `Store` seam, and the local directory store.
 
-A backup directory holds checkpoints named `ckpt-<step>.fbk`, where `step` is
-a sequence number that only grows, a lock file, and the model's config
-(`model_config`), written once per fit. A checkpoint is created
-under a temporary name and renamed into place by the native extension; older
-checkpoints are removed only after the new one is durable, so a crash at any
-instant leaves at least one complete checkpoint.
+`open_store(backup_dir)` picks the one implementation that handles a backup
+location: `LocalStore` for a path, `fastbackup.object_store.ObjectStore` for
+an `s3://` or `gs://` URL. The writer, the callback, restore and the CLI
+talk to the `Store` interface only.
+
+A local backup directory holds checkpoints named `ckpt-<step>.fbk`, where
+`step` is a sequence number that only grows, a lock file, and small named
+objects (`Store.write_object`: the model's config, `MODEL_CONFIG_NAME`,
+written once per fit). A checkpoint is created under a temporary name and
+renamed into place by the native extension; older checkpoints are removed
+only after the new one is durable, so a crash at any instant leaves at
+least one complete checkpoint.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import errno
 import fcntl
@@ -25,16 +32,24 @@ from typing import Any
 
 from fastbackup._compat import native
 from fastbackup.errors import BackupDirLockedError
-from fastbackup.format import EncodedCheckpoint
+from fastbackup.format import CheckpointReader, EncodedCheckpoint
 
 log = logging.getLogger("fastbackup")
 
 _CHECKPOINT_RE = re.compile(r"^ckpt-([0-9]{12})\.fbk$")
+# The model's config, stored once per fit for `export` (`model_config`).
 MODEL_CONFIG_NAME = "model-config.json"
+# Temporary files of checkpoints and of `write_object`'s small objects.
 _TEMP_RE = re.compile(
-    r"^\.(ckpt-[0-9]{12}\.fbk|model-config\.json)\.[0-9a-f]+\.tmp$"
+    r"^\.(ckpt-[0-9]{12}\.fbk|[A-Za-z0-9][A-Za-z0-9_.-]{0,127})"
+    r"\.[0-9a-f]{16}\.tmp$"
 )
 LOCK_NAME = ".fastbackup.lock"
+# Names of the small objects of `Store.write_object`: a plain file name, so
+# that it cannot escape the backup location nor look like a checkpoint.
+_OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Small objects are a few KiB (a model's config); a larger one is not ours.
+MAX_OBJECT_BYTES = 64 << 20
 
 
 def checkpoint_name(step: int) -> str:
@@ -169,33 +184,6 @@ def commit(
     )
 
 
-def write_model_config(directory: str, data: bytes, sync: bool) -> None:
-    """Replaces the model config file, durably and atomically."""
-    with native.AtomicFile(directory, MODEL_CONFIG_NAME, sync=sync) as f:
-        f.write([data], checksum=False)
-        f.commit()
-
-
-def read_model_config(directory: str) -> bytes | None:
-    """The model config file's contents, or `None` when there is none."""
-    try:
-        with open(os.path.join(directory, MODEL_CONFIG_NAME), "rb") as f:
-            # A few KiB in practice; bounded so a hostile file cannot
-            # exhaust memory.
-            data = f.read(_MAX_MODEL_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        return None
-    if len(data) > _MAX_MODEL_CONFIG_BYTES:
-        raise ValueError(
-            f"{os.path.join(directory, MODEL_CONFIG_NAME)} is over "
-            f"{_MAX_MODEL_CONFIG_BYTES} bytes: not a model config"
-        )
-    return data
-
-
-_MAX_MODEL_CONFIG_BYTES = 64 << 20
-
-
 def prune(directory: str, keep: int) -> None:
     """Removes all but the `keep` newest checkpoints (after a commit)."""
     for _, path in list_checkpoints(directory)[keep:]:
@@ -308,3 +296,280 @@ def release_lock(directory: str, owner: Any) -> None:
             return
         del _held[key]
         os.close(held.fd)
+
+
+class Store(abc.ABC):
+    """Where one backup's checkpoints live: the one storage seam.
+
+    One implementation per kind of location (`LocalStore`, and
+    `fastbackup.object_store.ObjectStore` for buckets). Every implementation
+    guarantees the same thing: `list_checkpoints` returns only checkpoints
+    whose every byte was stored before they were listed (committed), so a
+    crash at any instant leaves the previous checkpoints readable.
+
+    Attributes:
+        location: the backup location as the user gave it, for messages.
+    """
+
+    location: str
+
+    @abc.abstractmethod
+    def list_checkpoints(self) -> list[tuple[int, str]]:
+        """Lists `(step, location)` of the committed checkpoints, newest first.
+
+        Returns an empty list when the backup does not exist.
+        """
+
+    @abc.abstractmethod
+    def commit(
+        self,
+        step: int,
+        encoded: EncodedCheckpoint,
+        sync: bool,
+        cancel: threading.Event | None = None,
+        direct: bool = False,
+    ) -> CommitResult:
+        """Stores one checkpoint atomically: whole, or not at all.
+
+        Args:
+            step: the checkpoint's sequence number.
+            encoded: the checkpoint to write (its segments are streamed).
+            sync: make it durable before returning (local disks).
+            cancel: when set, the commit stops and raises `WriteCancelled`,
+                leaving nothing behind.
+            direct: write with O_DIRECT (local disks).
+
+        Raises:
+            OSError: the write failed; earlier checkpoints are untouched.
+            WriteCancelled: `cancel` was set before the commit point.
+        """
+
+    @abc.abstractmethod
+    def prune(self, keep: int) -> None:
+        """Removes all but the `keep` newest checkpoints (after a commit)."""
+
+    @abc.abstractmethod
+    def list_temp_files(self) -> list[str]:
+        """Lists what writers killed mid-write left (or a live writer's)."""
+
+    @abc.abstractmethod
+    def remove_temp_files(self) -> list[str]:
+        """Removes what writers killed mid-write left; call under the lock.
+
+        Returns:
+            The locations removed.
+        """
+
+    @abc.abstractmethod
+    def exists(self) -> bool:
+        """True if the backup location holds anything."""
+
+    @abc.abstractmethod
+    def remove_all(self) -> None:
+        """Deletes the whole backup, as Keras does after a successful `fit`."""
+
+    @abc.abstractmethod
+    def acquire_lock(self, owner: Any, flush: Callable[[], None]) -> None:
+        """Takes the backup's lock for `owner` (a callback).
+
+        Args:
+            owner: the callback taking the lock (held by weak reference).
+            flush: waits until the owner's pending writes are done.
+
+        Raises:
+            BackupDirLockedError: another job, or another callback training
+                on another thread of this process, uses the backup.
+        """
+
+    @abc.abstractmethod
+    def release_lock(self, owner: Any) -> None:
+        """Releases the lock if `owner` holds it."""
+
+    @abc.abstractmethod
+    def open_checkpoint(self, location: str) -> CheckpointReader:
+        """Opens one checkpoint listed by `list_checkpoints` for reading.
+
+        Raises:
+            CheckpointCorruptError: it is not a valid checkpoint.
+            OSError: it cannot be read.
+        """
+
+    @abc.abstractmethod
+    def write_object(self, name: str, data: bytes) -> None:
+        """Stores a small named object atomically (replacing any previous).
+
+        For sidecar data such as a model's configuration; call it while
+        holding the lock (a local store's directory exists from then on).
+        The object is removed with the backup by `remove_all`.
+
+        Args:
+            name: a plain name: letters, digits, `_`, `.`, `-`; not a
+                checkpoint's name.
+            data: the whole content.
+
+        Raises:
+            ValueError: `name` is not a valid object name.
+        """
+
+    @abc.abstractmethod
+    def read_object(self, name: str) -> bytes | None:
+        """Reads a small object stored by `write_object`; `None` if absent."""
+
+
+def check_object_name(name: str) -> str:
+    """Validates the name of a `Store.write_object` object."""
+    if (
+        not isinstance(name, str)
+        or not _OBJECT_NAME_RE.match(name)
+        or _CHECKPOINT_RE.match(name)
+    ):
+        raise ValueError(
+            "Invalid object name: expected letters, digits, '_', '.' or '-' "
+            "(not starting with '.', '_' or '-', at most 128 characters, not "
+            f"a checkpoint's name). Received: name={name!r}"
+        )
+    return name
+
+
+class LocalStore(Store):
+    """A backup directory on a local (or mounted) filesystem.
+
+    Checkpoints are committed by the native extension's atomic rename; the
+    lock is an advisory `flock` (see `acquire_lock`).
+
+    Args:
+        directory: the backup directory (created when the lock is taken).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = os.fspath(directory)
+        self.location = self.directory
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.directory!r})"
+
+    def list_checkpoints(self) -> list[tuple[int, str]]:
+        return list_checkpoints(self.directory)
+
+    def commit(
+        self,
+        step: int,
+        encoded: EncodedCheckpoint,
+        sync: bool,
+        cancel: threading.Event | None = None,
+        direct: bool = False,
+    ) -> CommitResult:
+        return commit(self.directory, step, encoded, sync, cancel=cancel,
+                      direct=direct)
+
+    def prune(self, keep: int) -> None:
+        prune(self.directory, keep)
+
+    def list_temp_files(self) -> list[str]:
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(
+            os.path.join(self.directory, n) for n in names
+            if _TEMP_RE.match(n)
+        )
+
+    def remove_temp_files(self) -> list[str]:
+        return remove_temp_files(self.directory)
+
+    def exists(self) -> bool:
+        return os.path.exists(self.directory)
+
+    def remove_all(self) -> None:
+        remove_backup_dir(self.directory)
+
+    def acquire_lock(self, owner: Any, flush: Callable[[], None]) -> None:
+        acquire_lock(self.directory, owner, flush)
+
+    def release_lock(self, owner: Any) -> None:
+        release_lock(self.directory, owner)
+
+    def open_checkpoint(self, location: str) -> CheckpointReader:
+        return CheckpointReader(location)
+
+    def write_object(self, name: str, data: bytes) -> None:
+        check_object_name(name)
+        with native.AtomicFile(self.directory, name, sync=True) as f:
+            f.write([data], checksum=False)
+            f.commit()
+
+    def read_object(self, name: str) -> bytes | None:
+        check_object_name(name)
+        path = os.path.join(self.directory, name)
+        try:
+            with open(path, "rb") as f:
+                # Bounded, so that a hostile file cannot exhaust memory.
+                data = f.read(MAX_OBJECT_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        if len(data) > MAX_OBJECT_BYTES:
+            raise ValueError(
+                f"{path} is over {MAX_OBJECT_BYTES} bytes: not an object "
+                "fastbackup wrote"
+            )
+        return data
+
+
+# `scheme:/...`: anything that looks like a URL is one, and is refused unless
+# supported, so that "s3://b/p" can never become a local directory "s3:".
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
+
+
+def is_url(backup_dir: str) -> bool:
+    """True if `backup_dir` is a URL (`scheme:/...`), not a local path."""
+    return _URL_RE.match(backup_dir) is not None
+
+
+def open_store(
+    backup_dir: str | os.PathLike[str] | Store,
+    *,
+    lease_seconds: float | None = None,
+    retry_seconds: float | None = None,
+) -> Store:
+    """Returns the store of a backup location.
+
+    Args:
+        backup_dir: a local directory, a `file://` URL, an object-store URL
+            (`s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/
+            prefix`), or a `Store` (returned as is).
+        lease_seconds: lifetime of an object store's lock lease. Defaults
+            to `FASTBACKUP_LEASE_SECONDS` (60).
+        retry_seconds: how long an object store's requests are retried.
+            Defaults to `FASTBACKUP_RETRY_SECONDS` (180).
+
+    Raises:
+        ValueError: `backup_dir` is a URL of an unsupported scheme, or an
+            object-store URL without a bucket.
+    """
+    if isinstance(backup_dir, Store):
+        return backup_dir
+    path = os.fspath(backup_dir)
+    m = _URL_RE.match(path)
+    if m is None:
+        return LocalStore(path)
+    scheme = m.group(1).lower()
+    if scheme == "file":
+        if not path.lower().startswith("file:///"):
+            raise ValueError(
+                "A file URL must be absolute, as file:///path. "
+                f"Received: backup_dir={path}"
+            )
+        return LocalStore(path[len("file://"):])
+    from fastbackup import object_store
+
+    if scheme in object_store.SCHEMES:
+        return object_store.ObjectStore(
+            path, lease_seconds=lease_seconds, retry_seconds=retry_seconds
+        )
+    raise ValueError(
+        f"Unsupported URL scheme {scheme!r} in `backup_dir`: supported are a "
+        "local path, file:///path, "
+        + ", ".join(f"{s}://" for s in object_store.SCHEMES)
+        + f". Received: backup_dir={path}"
+    )

@@ -118,7 +118,8 @@ class BackgroundWriter:
     """Owns the host-buffer pool and the writer thread of one callback.
 
     Args:
-        directory: the backup directory.
+        directory: the backup location: a `storage.Store`, or a path or URL
+            for `storage.open_store`.
         policy: per-tensor compression decisions.
         keep: checkpoints to keep (2 with `double_checkpoint`).
         sync: fsync file and directory (off only for tmpfs benchmarks).
@@ -128,14 +129,15 @@ class BackgroundWriter:
 
     def __init__(
         self,
-        directory: str,
+        directory: str | storage.Store,
         policy: fmt.CompressionPolicy,
         keep: int,
         sync: bool = True,
         buffers: int = 1,
         direct: bool = False,
     ) -> None:
-        self.directory = directory
+        self.store = storage.open_store(directory)
+        self.directory = self.store.location
         self.policy = policy
         self.keep = keep
         self.sync = sync
@@ -265,7 +267,7 @@ class BackgroundWriter:
 
         For a backup that is about to be deleted: waiting for its
         durability (seconds for a large model) would be wasted. The temporary
-        file of an aborted write is removed; earlier checkpoints are kept.
+        file (or upload) of an aborted write is removed; earlier checkpoints are kept.
         """
         with self._cond:
             for slot in list(self._queue):
@@ -350,12 +352,11 @@ class BackgroundWriter:
     def _write(self, snapshot: HostSnapshot, step: int) -> None:
         start = time.perf_counter()
         encoded = fmt.encode(snapshot, self.policy, step)
-        result = storage.commit(
-            self.directory, step, encoded, self.sync, cancel=self._cancel,
-            direct=self.direct,
+        result = self.store.commit(
+            step, encoded, self.sync, cancel=self._cancel, direct=self.direct,
         )
         # Older checkpoints go only once the new one is durable.
-        storage.prune(self.directory, self.keep)
+        self.store.prune(self.keep)
         self.policy.observe_write(result.nbytes, result.seconds)
         with self._cond:
             s = self.stats

@@ -151,3 +151,45 @@ def stored_tensors(path: str):
             out.append((e.name, e.path, e.dtype, e.shape, e.codec,
                         f.read(e.stored_size), e.raw_size))
         return out, reader.meta
+# Object-store servers ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's S3 server, one process for the whole session."""
+    from tests.object_servers import MotoServer
+
+    server = MotoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(moto_server, monkeypatch):
+    """`s3://<new bucket>/runs/job-1`, the client pointed at moto."""
+    from tests.object_servers import s3_environ
+
+    for name, value in s3_environ(moto_server.endpoint).items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{moto_server.create_bucket()}/runs/job-1"
+
+
+@pytest.fixture
+def fault_proxy(moto_server, s3_url, monkeypatch):
+    """A fault-injecting proxy in front of moto; the client goes through it."""
+    from tests.object_servers import FaultProxy
+
+    proxy = FaultProxy(moto_server.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """fake-gcs-server, one process for the whole session."""
+    from tests.object_servers import FakeGCSServer
+
+    server = FakeGCSServer().start()
+    yield server
+    server.stop()

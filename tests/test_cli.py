@@ -561,13 +561,13 @@ def test_export_refuses_a_damaged_or_foreign_model_config(backup, tmp_path,
 
 def test_model_config_is_written_once_per_fit(tmp_path, monkeypatch):
     writes = []
-    real = storage.write_model_config
+    real = storage.LocalStore.write_object
 
-    def counting(*args, **kwargs):
-        writes.append(args[0])
-        return real(*args, **kwargs)
+    def counting(store, name, data):
+        writes.append(store.directory)
+        return real(store, name, data)
 
-    monkeypatch.setattr(storage, "write_model_config", counting)
+    monkeypatch.setattr(storage.LocalStore, "write_object", counting)
     x, y = make_data()
     model = make_model()
     cb = fastbackup.BackupAndRestore(tmp_path, save_freq=1,

@@ -100,10 +100,11 @@ def test_rebuild_refuses_an_unknown_class():
 
 
 def test_storage_writes_and_reads_it_atomically(tmp_path):
-    assert storage.read_model_config(str(tmp_path)) is None
-    storage.write_model_config(str(tmp_path), b"{}", sync=True)
-    storage.write_model_config(str(tmp_path), b'{"a": 1}', sync=True)
-    assert storage.read_model_config(str(tmp_path)) == b'{"a": 1}'
+    store = storage.LocalStore(tmp_path)
+    assert store.read_object(storage.MODEL_CONFIG_NAME) is None
+    store.write_object(storage.MODEL_CONFIG_NAME, b"{}")
+    store.write_object(storage.MODEL_CONFIG_NAME, b'{"a": 1}')
+    assert store.read_object(storage.MODEL_CONFIG_NAME) == b'{"a": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         storage.MODEL_CONFIG_NAME
     ]
@@ -117,6 +118,6 @@ def test_a_killed_writer_s_temp_file_is_cleaned(tmp_path):
 
 def test_storage_refuses_an_oversized_file(tmp_path):
     with open(tmp_path / storage.MODEL_CONFIG_NAME, "wb") as f:
-        f.truncate(storage._MAX_MODEL_CONFIG_BYTES + 1)
-    with pytest.raises(ValueError, match="not a model config"):
-        storage.read_model_config(str(tmp_path))
+        f.truncate(storage.MAX_OBJECT_BYTES + 1)
+    with pytest.raises(ValueError, match="not an object fastbackup wrote"):
+        storage.LocalStore(tmp_path).read_object(storage.MODEL_CONFIG_NAME)

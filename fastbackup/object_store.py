@@ -1,0 +1,804 @@
+"""Backups in an object store (`s3://bucket/prefix`, `gs://bucket/prefix`).
+
+Object stores have no rename, so a checkpoint is committed the way every
+serious checkpointer does it: the data object first (one multipart upload,
+streamed from the snapshot's buffers, parts sent in parallel), then a small
+commit record, written last with one PUT, which lists the committed
+checkpoints. A PUT is visible whole or not at all, so readers that trust only
+the record never see a partial checkpoint; finding the newest costs one GET.
+Data objects the record does not name (a writer killed mid-upload) are
+removed under the lock at the next `fit`.
+
+The lock is a lease object created with a conditional PUT (`If-None-Match: *`
+on S3, `ifGenerationMatch=0` on GCS): a second job's create fails. The holder
+renews the lease from a background thread; a killed job stops renewing, and
+once its lease has expired the next job takes it over with a conditional
+update on the lease's ETag/generation, so two jobs racing for an expired
+lease cannot both win.
+
+The client is `obstore` (Rust `object_store`): chosen by measurement, see
+`docs/remote-storage.md`. It releases the GIL, uploads parts concurrently and
+retries 5xx, 503 SlowDown and dropped connections with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import errno
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import obstore
+from obstore import exceptions as obx
+
+from fastbackup._compat import native
+from fastbackup.errors import BackupDirLockedError
+from fastbackup.format import CheckpointReader, EncodedCheckpoint
+from fastbackup.storage import (
+    _CHECKPOINT_RE,
+    CommitResult,
+    Store,
+    WriteCancelled,
+    check_object_name,
+    checkpoint_name,
+)
+
+log = logging.getLogger("fastbackup")
+
+SCHEMES = ("s3", "s3a", "gs")
+COMMIT_RECORD = "COMMITTED"
+LEASE_NAME = "LEASE"
+# Names reserved by the store itself: `write_object` refuses them.
+_RESERVED = (COMMIT_RECORD, LEASE_NAME)
+
+# Part size of the multipart upload and of the ranged reads. S3 wants parts
+# of 5 MiB to 5 GiB; 16 MiB keeps a 10,000-part upload good for 160 GB and
+# the client's buffering (concurrency x part) at 128 MiB.
+PART_BYTES = 16 << 20
+CONCURRENCY = 8
+DEFAULT_LEASE_SECONDS = 60.0
+# A lease is renewed this many times per lifetime, so that one or two failed
+# renewals (a network blip) do not lose it.
+_RENEWALS_PER_LEASE = 4
+
+
+def _retry_config(seconds: float) -> dict[str, Any]:
+    # By default 3 minutes of retries with backoff from 0.1 s to 15 s:
+    # longer than a typical S3 503 SlowDown episode, short enough that a
+    # dead endpoint becomes a BackupWriteError instead of a silent stall.
+    return {
+        "max_retries": 20,
+        "backoff": {
+            "init_backoff": datetime.timedelta(milliseconds=100),
+            "max_backoff": datetime.timedelta(seconds=15),
+            "base": 2.0,
+        },
+        "retry_timeout": datetime.timedelta(seconds=seconds),
+    }
+
+
+def _client_options(endpoint: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "connect_timeout": "10s",
+        # Per request; a 16 MiB part at 1 MB/s still fits.
+        "timeout": "120s",
+    }
+    if endpoint and endpoint.startswith("http://"):
+        # An explicit plain-HTTP endpoint (an emulator, a local MinIO) is
+        # what the user asked for; obstore refuses it unless told.
+        options["allow_http"] = True
+    return options
+
+
+def _make_client(scheme: str, bucket: str, retry_seconds: float) -> Any:
+    """Creates the obstore client of a bucket from the standard variables."""
+    from obstore.store import GCSStore, S3Store
+
+    if scheme in ("s3", "s3a"):
+        endpoint = (
+            os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        kwargs: dict[str, Any] = {}
+        if endpoint:
+            kwargs["endpoint"] = endpoint
+            # Custom endpoints (MinIO, Ceph, moto) are path-style.
+            kwargs["virtual_hosted_style_request"] = False
+        region = os.environ.get("AWS_REGION") or os.environ.get(
+            "AWS_DEFAULT_REGION"
+        )
+        if region:
+            kwargs["region"] = region
+        return S3Store(
+            bucket,
+            client_options=_client_options(endpoint),
+            retry_config=_retry_config(retry_seconds),
+            **kwargs,
+        )
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        # The variable the Google client libraries honour: an emulator
+        # without authentication.
+        base = emulator if "://" in emulator else f"http://{emulator}"
+        key = json.dumps({
+            "gcs_base_url": base.rstrip("/"), "disable_oauth": True,
+            "client_email": "", "private_key": "", "private_key_id": "",
+        })
+        return GCSStore(
+            bucket,
+            config={"service_account_key": key},
+            client_options=_client_options(base),
+            retry_config=_retry_config(retry_seconds),
+        )
+    # GOOGLE_APPLICATION_CREDENTIALS, or the VM's metadata server.
+    return GCSStore(
+        bucket, client_options=_client_options(None),
+        retry_config=_retry_config(retry_seconds),
+    )
+
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
+
+
+def parse_url(url: str) -> tuple[str, str, str]:
+    """Splits `scheme://bucket/prefix` into its parts.
+
+    Raises:
+        ValueError: unsupported scheme, invalid bucket, or no prefix.
+    """
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in SCHEMES:
+        raise ValueError(
+            f"Unsupported object store URL: expected "
+            f"{', '.join(s + '://bucket/prefix' for s in SCHEMES)}. "
+            f"Received: backup_dir={url}"
+        )
+    bucket, _, prefix = rest.partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET_RE.match(bucket):
+        raise ValueError(
+            f"Invalid bucket name {bucket!r} in `backup_dir`. "
+            f"Received: backup_dir={url}"
+        )
+    if not prefix or any(p in ("", ".", "..") for p in prefix.split("/")):
+        # The prefix is emptied after a successful fit: a bucket's root
+        # would be emptied whole.
+        raise ValueError(
+            "An object store `backup_dir` needs a prefix of its own inside "
+            "the bucket (it is emptied at the end of a successful fit), e.g. "
+            f"{scheme}://{bucket}/runs/job-1. Received: backup_dir={url}"
+        )
+    return scheme, bucket, prefix
+
+
+def record_bytes(entries: list[dict[str, Any]]) -> bytes:
+    """The commit record naming `entries` (`step`, `name`, `size`), newest
+    first."""
+    return json.dumps({"format": 1, "checkpoints": entries}).encode()
+
+
+def _io_error(what: str, url: str, e: BaseException) -> OSError:
+    err = OSError(errno.EIO, f"{what} failed: {e}", url)
+    err.__cause__ = e
+    return err
+
+
+@dataclasses.dataclass
+class _Held:
+    lease: _Lease
+    owner: Any
+    flush: Callable[[], None]
+    thread: int
+
+
+_held: dict[str, _Held] = {}
+_held_lock = threading.Lock()
+
+
+class ObjectStore(Store):
+    """A backup under a prefix of an S3 or GCS bucket.
+
+    Args:
+        url: `s3://bucket/prefix` or `gs://bucket/prefix`.
+        lease_seconds: lifetime of the lock lease; a killed job's backup can
+            be taken over this long after its last renewal. Defaults to
+            `FASTBACKUP_LEASE_SECONDS`, or 60.
+        retry_seconds: how long a failing request is retried, with
+            backoff, before it fails. Defaults to `FASTBACKUP_RETRY_SECONDS`,
+            or 180.
+        client: an obstore store for the bucket, instead of one made from
+            the environment (tests, custom credentials).
+
+    Raises:
+        ValueError: the URL is not supported, or `lease_seconds` is not
+            positive.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease_seconds: float | None = None,
+        retry_seconds: float | None = None,
+        client: Any = None,
+    ) -> None:
+        self.scheme, self.bucket, self.prefix = parse_url(url)
+        self.location = f"{self.scheme}://{self.bucket}/{self.prefix}"
+        from fastbackup import config as config_lib
+
+        if lease_seconds is None:
+            lease_seconds = config_lib.seconds_from_environ(
+                "FASTBACKUP_LEASE_SECONDS")
+        if retry_seconds is None:
+            retry_seconds = config_lib.seconds_from_environ(
+                "FASTBACKUP_RETRY_SECONDS")
+        for arg, value in (("lease_seconds", lease_seconds),
+                           ("retry_seconds", retry_seconds)):
+            if not value > 0:
+                raise ValueError(
+                    f"Invalid value for argument `{arg}`: expected a "
+                    f"positive number. Received: {arg}={value}"
+                )
+        self.lease_seconds = float(lease_seconds)
+        self.client = client if client is not None else _make_client(
+            self.scheme, self.bucket, float(retry_seconds)
+        )
+        # The commit record as this process last read or wrote it. While
+        # this process holds the lease nobody else writes it, so commits
+        # need not read it again.
+        self._record: list[dict[str, Any]] | None = None
+        # How many checkpoints `prune` keeps (learnt at its first call), and
+        # the objects a commit dropped from the record for `prune` to delete.
+        self._keep: int | None = None
+        self._dropped: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.location!r})"
+
+    # Names --------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def url_of(self, name: str) -> str:
+        """The URL of the object `name` of this backup."""
+        return f"{self.location}/{name}"
+
+    def _name_of_url(self, url: str) -> str:
+        head = self.location + "/"
+        name = url[len(head):] if url.startswith(head) else ""
+        if not _CHECKPOINT_RE.match(name):
+            raise ValueError(
+                f"Not a checkpoint of {self.location}. Received: location={url}"
+            )
+        return name
+
+    # Commit record -------------------------------------------------------
+
+    def _read_record(self) -> list[dict[str, Any]]:
+        """The committed checkpoints, newest first, from the commit record."""
+        data = self._get_small(COMMIT_RECORD)
+        if data is None:
+            return []
+        try:
+            record = json.loads(data)
+            entries = [
+                {"step": int(e["step"]), "name": str(e["name"]),
+                 "size": int(e["size"])}
+                for e in record["checkpoints"]
+            ]
+        except (ValueError, KeyError, TypeError) as e:
+            raise OSError(
+                errno.EBADMSG,
+                f"the commit record is damaged ({e}); remove it to start "
+                "over",
+                self.url_of(COMMIT_RECORD),
+            ) from None
+        for e in entries:
+            if not _CHECKPOINT_RE.match(e["name"]):
+                raise OSError(errno.EBADMSG, "the commit record names an "
+                              f"invalid object {e['name']!r}",
+                              self.url_of(COMMIT_RECORD))
+        entries.sort(key=lambda e: e["step"], reverse=True)
+        self._record = entries
+        return list(entries)
+
+    def _committed(self) -> list[dict[str, Any]]:
+        """The commit record, read again unless this process holds the lease."""
+        if self._record is not None and self._held_lease() is not None:
+            return list(self._record)
+        return self._read_record()
+
+    def _write_record(self, entries: list[dict[str, Any]]) -> None:
+        body = record_bytes(entries)
+        self._record = None  # unknown if the PUT fails half way
+        self._put_small(COMMIT_RECORD, body)
+        self._record = list(entries)
+
+    def _get_small(self, name: str) -> bytes | None:
+        try:
+            return bytes(obstore.get(self.client, self._key(name)).bytes())
+        except FileNotFoundError:
+            return None
+        except obx.BaseError as e:
+            raise _io_error(f"reading {name}", self.url_of(name), e) from None
+
+    def _put_small(self, name: str, data: bytes) -> None:
+        try:
+            obstore.put(self.client, self._key(name), data)
+        except obx.BaseError as e:
+            raise _io_error(f"writing {name}", self.url_of(name), e) from None
+
+    # Store interface ------------------------------------------------------
+
+    def list_checkpoints(self) -> list[tuple[int, str]]:
+        return [(e["step"], self.url_of(e["name"])) for e in self._read_record()]
+
+    def _size_of(self, name: str) -> int:
+        for e in self._record or []:
+            if e["name"] == name:
+                return int(e["size"])
+        return int(obstore.head(self.client, self._key(name))["size"])
+
+    def commit(
+        self,
+        step: int,
+        encoded: EncodedCheckpoint,
+        sync: bool,
+        cancel: threading.Event | None = None,
+        direct: bool = False,
+    ) -> CommitResult:
+        """Uploads one checkpoint, then commits it in the commit record.
+
+        The segments are uploaded as they are (no staging copy of the
+        state): one PUT when the checkpoint is smaller than a part,
+        otherwise a multipart upload whose parts go out concurrently. The
+        CRC-32C of each segment is computed as it is handed to the client,
+        so the bytes are those `storage.commit` writes to a file. Object
+        PUTs are durable when acknowledged; `sync` and `direct` concern
+        local disks only.
+
+        Raises:
+            OSError: the upload or the commit failed after the client's
+                retries; earlier checkpoints stay committed. A failed
+                multipart upload is aborted.
+            WriteCancelled: `cancel` was set before the commit record.
+            BackupDirLockedError: this job's lease was lost.
+        """
+        held = self._held_lease()
+        name = checkpoint_name(step)
+        url = self.url_of(name)
+        start = time.perf_counter()
+        crcs: list[int] = []
+        sizes = [0]
+
+        def stream() -> Iterator[Any]:
+            for segment in encoded.segments:
+                if cancel is not None and cancel.is_set():
+                    raise WriteCancelled(name)
+                crcs.append(native.crc32c(segment))
+                sizes[0] += len(segment)
+                if len(segment):
+                    yield segment
+            trailer = encoded.trailer(crcs)
+            sizes[0] += len(trailer)
+            yield trailer
+
+        try:
+            if encoded.payload_end <= PART_BYTES:
+                # Small: one PUT of a joined copy (at most one part) costs
+                # one request where a multipart upload costs three.
+                obstore.put(self.client, self._key(name), b"".join(stream()))
+            else:
+                obstore.put(
+                    self.client, self._key(name), stream(),
+                    chunk_size=PART_BYTES, max_concurrency=CONCURRENCY,
+                )
+        except WriteCancelled:
+            raise
+        except obx.BaseError as e:
+            raise _io_error(f"uploading {name}", url, e) from None
+        if cancel is not None and cancel.is_set():
+            self._delete([name])
+            raise WriteCancelled(name)
+        if held is not None:
+            held.check()
+        # The commit point: the record now names the new checkpoint (and,
+        # once `prune` has said how many to keep, only those: the objects it
+        # no longer names are deleted by the `prune` that follows).
+        entries = [e for e in self._committed() if e["step"] != step]
+        entries.insert(0, {"step": int(step), "name": name, "size": sizes[0]})
+        if self._keep is not None:
+            self._dropped += [e["name"] for e in entries[self._keep:]]
+            entries = entries[:self._keep]
+        self._write_record(entries)
+        return CommitResult(url, step, sizes[0], time.perf_counter() - start)
+
+    def prune(self, keep: int) -> None:
+        self._keep = keep
+        entries = self._committed()
+        dropped, self._dropped = self._dropped, []
+        if len(entries) > keep:
+            # The record forgets them first: it never names a deleted object.
+            self._write_record(entries[:keep])
+            dropped += [e["name"] for e in entries[keep:]]
+        self._delete(dropped)
+
+    def _list_names(self) -> list[str]:
+        """Names of every object under the prefix (ours only: bounded)."""
+        names = []
+        head = self.prefix + "/"
+        try:
+            for chunk in obstore.list(self.client, self.prefix):
+                for meta in chunk:
+                    path = meta["path"]
+                    if path.startswith(head):
+                        names.append(path[len(head):])
+        except obx.BaseError as e:
+            raise _io_error("listing", self.location, e) from None
+        return names
+
+    def _delete(self, names: list[str]) -> None:
+        if not names:
+            return
+        try:
+            obstore.delete(self.client, [self._key(n) for n in names])
+        except FileNotFoundError:
+            pass
+        except obx.BaseError as e:
+            raise _io_error("deleting", self.location, e) from None
+
+    def _orphans(self) -> list[str]:
+        committed = {e["name"] for e in self._committed()}
+        return sorted(
+            n for n in self._list_names()
+            if _CHECKPOINT_RE.match(n) and n not in committed
+        )
+
+    def list_temp_files(self) -> list[str]:
+        return [self.url_of(n) for n in self._orphans()]
+
+    def remove_temp_files(self) -> list[str]:
+        """Deletes checkpoint objects that no commit record names.
+
+        They are uploads of a writer killed between its data object and its
+        commit record. A multipart upload killed before completion leaves
+        no object, only parts that the store keeps until aborted: a
+        lifecycle rule removes them (see docs/remote-storage.md); a failed
+        upload in a live process is aborted by the client.
+        """
+        orphans = self._orphans()
+        self._delete(orphans)
+        if orphans:
+            log.info("removed %d uncommitted checkpoint object(s) left by an "
+                     "interrupted upload in %s", len(orphans), self.location)
+        return [self.url_of(n) for n in orphans]
+
+    def exists(self) -> bool:
+        try:
+            for chunk in obstore.list(self.client, self.prefix, chunk_size=1):
+                if chunk:
+                    return True
+        except obx.BaseError as e:
+            raise _io_error("listing", self.location, e) from None
+        return False
+
+    def remove_all(self) -> None:
+        """Deletes every object under the prefix but a held lease.
+
+        The commit record goes first, so that an interruption here leaves
+        no checkpoint that looks committed; the lease goes with the lock.
+        """
+        names = self._list_names()
+        self._delete([COMMIT_RECORD] if COMMIT_RECORD in names else [])
+        held = _held.get(self.location)
+        self._delete([
+            n for n in names
+            if n != COMMIT_RECORD and not (n == LEASE_NAME and held is not None)
+        ])
+
+    def open_checkpoint(self, location: str) -> CheckpointReader:
+        """Downloads one checkpoint with parallel ranged reads, then opens it.
+
+        The bytes land in an anonymous in-memory file (memfd), never on the
+        local disk; the reader then verifies and maps it like a local file.
+        """
+        name = self._name_of_url(location)
+        key = self._key(name)
+        try:
+            # The size the record gives (a HEAD when it does not): a
+            # different object under that name fails the reader's checks.
+            size = self._size_of(name)
+        except FileNotFoundError:
+            raise  # pruned by a running training
+        except obx.BaseError as e:
+            raise _io_error(f"reading {name}", location, e) from None
+        fd = os.memfd_create(f"fastbackup-{name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            if size:
+                self._download(key, location, fd, size)
+            file = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            return CheckpointReader(location, file=file)
+        except BaseException:
+            file.close()
+            raise
+
+    def _download(self, key: str, url: str, fd: int, size: int) -> None:
+        def fetch(start: int) -> None:
+            length = min(PART_BYTES, size - start)
+            data = obstore.get_range(self.client, key, start=start, length=length)
+            # pwrite copies with the GIL released, and the write path fills
+            # the memfd faster than page faults through a mapping would
+            # (eight threads faulting one shmem file contend).
+            view = memoryview(data)
+            done = 0
+            while done < length:
+                done += os.pwrite(fd, view[done:], start + done)
+
+        pool = concurrent.futures.ThreadPoolExecutor(
+            CONCURRENCY, thread_name_prefix="fastbackup-read"
+        )
+        try:
+            for f in [pool.submit(fetch, s) for s in range(0, size, PART_BYTES)]:
+                f.result()
+        except obx.BaseError as e:
+            raise _io_error("reading", url, e) from None
+        finally:
+            # The descriptor must outlive every fetch still running.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def write_object(self, name: str, data: bytes) -> None:
+        check_object_name(name)
+        if name in _RESERVED:
+            raise ValueError(
+                f"Invalid object name: {name!r} is reserved by the object "
+                f"store. Received: name={name!r}"
+            )
+        self._put_small(name, bytes(data))
+
+    def read_object(self, name: str) -> bytes | None:
+        check_object_name(name)
+        return self._get_small(name)
+
+    # Lock -------------------------------------------------------------------
+
+    def _held_lease(self) -> _Lease | None:
+        with _held_lock:
+            held = _held.get(self.location)
+        return held.lease if held is not None else None
+
+    def acquire_lock(self, owner: Any, flush: Callable[[], None]) -> None:
+        """Takes the backup's lease for `owner` (see the module docstring).
+
+        Inside one process the rules are those of `storage.acquire_lock`:
+        a callback takes the lock over from another one only when that one
+        cannot be training concurrently (collected, or its last `fit` ran on
+        this same thread).
+
+        Raises:
+            BackupDirLockedError: another job holds an unexpired lease, or a
+                callback training on another thread of this process holds it.
+            OSError: the store cannot be reached.
+        """
+        with _held_lock:
+            held = _held.get(self.location)
+            if held is not None:
+                previous = held.owner()
+                if previous is owner:
+                    held.thread = threading.get_ident()
+                elif previous is not None and held.thread != threading.get_ident():
+                    raise BackupDirLockedError(
+                        errno.EBUSY,
+                        "backup_dir is in use by another BackupAndRestore "
+                        "callback training in this process",
+                        self.location,
+                    )
+                else:
+                    held.flush()
+                    held.owner = weakref.ref(owner)
+                    held.flush = flush
+                    held.thread = threading.get_ident()
+                if not held.lease.lost:
+                    return
+                del _held[self.location]
+                held.lease.release()
+            lease = _Lease(self)
+            lease.acquire()
+            # Another job may have committed since this process last looked.
+            self._record = None
+            _held[self.location] = _Held(
+                lease, weakref.ref(owner), flush, threading.get_ident()
+            )
+
+    def release_lock(self, owner: Any) -> None:
+        with _held_lock:
+            held = _held.get(self.location)
+            if held is None or held.owner() not in (owner, None):
+                return
+            del _held[self.location]
+        held.lease.release()
+
+
+class _Lease:
+    """The lease object of one backup, held and renewed by this process."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.seconds = store.lease_seconds
+        self.key = store._key(LEASE_NAME)  # noqa: SLF001
+        self.url = store.url_of(LEASE_NAME)
+        self.owner = uuid.uuid4().hex
+        self.e_tag: str | None = None
+        self.version: str | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "expires": time.time() + self.seconds,
+            "seconds": self.seconds,
+        }).encode()
+
+    def _mode(self) -> dict[str, str]:
+        mode = {"e_tag": self.e_tag or ""}
+        if self.version is not None:
+            mode["version"] = self.version
+        return mode
+
+    def _took(self, result: Any) -> None:
+        self.e_tag = result.get("e_tag")
+        self.version = result.get("version")
+
+    def acquire(self) -> None:
+        client = self.store.client
+        try:
+            self._took(obstore.put(client, self.key, self._body(), mode="create"))
+        except (obx.AlreadyExistsError, obx.PreconditionError):
+            self._take_over()
+        except obx.BaseError as e:
+            raise _io_error("creating the lease", self.url, e) from None
+        self._thread = threading.Thread(
+            target=self._renew_loop, name="fastbackup-lease", daemon=True
+        )
+        self._thread.start()
+
+    def _take_over(self) -> None:
+        client = self.store.client
+        try:
+            got = obstore.get(client, self.key)
+            meta, data = got.meta, bytes(got.bytes())
+        except FileNotFoundError:
+            # Released between our create and this read: try once more.
+            try:
+                self._took(obstore.put(client, self.key, self._body(),
+                                       mode="create"))
+                return
+            except (obx.AlreadyExistsError, obx.PreconditionError):
+                raise self._locked({}) from None
+        except obx.BaseError as e:
+            raise _io_error("reading the lease", self.url, e) from None
+        try:
+            info = json.loads(data)
+            expires = float(info["expires"])
+        except (ValueError, KeyError, TypeError):
+            info, expires = {}, 0.0  # unreadable: treated as expired
+        if info.get("owner") == self.owner:
+            # Our own create, retried by the client after a lost reply.
+            self._took(meta)
+            return
+        if time.time() < expires:
+            raise self._locked(info)
+        mode = {"e_tag": meta.get("e_tag") or ""}
+        if meta.get("version") is not None:
+            mode["version"] = meta["version"]
+        try:
+            self._took(obstore.put(client, self.key, self._body(), mode=mode))
+        except (obx.PreconditionError, obx.AlreadyExistsError):
+            # Another job took it over first.
+            raise self._locked({}) from None
+        except obx.BaseError as e:
+            raise _io_error("taking over the lease", self.url, e) from None
+        log.warning("took over the expired lease of %s (held by host %s, pid "
+                    "%s, expired %.0f s ago)", self.store.location,
+                    info.get("host", "?"), info.get("pid", "?"),
+                    time.time() - expires)
+
+    def _locked(self, info: dict[str, Any]) -> BackupDirLockedError:
+        who = (f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, "
+               f"lease valid {max(0.0, float(info.get('expires', 0)) - time.time()):.0f} s more"
+               if info else "another job")
+        return BackupDirLockedError(
+            errno.EBUSY,
+            f"backup_dir is locked by another job ({who}); two trainings must "
+            "not share one backup_dir. A killed job's lease expires "
+            f"{self.seconds:g} s after its last renewal",
+            self.store.location,
+        )
+
+    def _renew_loop(self) -> None:
+        period = self.seconds / _RENEWALS_PER_LEASE
+        valid_until = time.monotonic() + self.seconds
+        while not self._stop.wait(period):
+            try:
+                self._took(obstore.put(self.store.client, self.key,
+                                       self._body(), mode=self._mode()))
+                valid_until = time.monotonic() + self.seconds
+            except (obx.PreconditionError, FileNotFoundError):
+                if self._still_ours():
+                    continue
+                self._lose("another job took it over")
+                return
+            except obx.BaseError as e:
+                if time.monotonic() >= valid_until:
+                    self._lose(f"it could not be renewed in time: {e}")
+                    return
+                log.warning("fastbackup: renewing the lease of %s failed, "
+                            "retrying: %s", self.store.location, e)
+
+    def _still_ours(self) -> bool:
+        """After a failed conditional renewal: a renewal that succeeded but
+        whose reply was lost, then retried by the client, fails its
+        precondition against our own new ETag. Adopts it if so."""
+        try:
+            got = obstore.get(self.store.client, self.key)
+            info = json.loads(bytes(got.bytes()))
+        except (obx.BaseError, ValueError):
+            return False
+        if info.get("owner") != self.owner:
+            return False
+        self._took(got.meta)
+        return True
+
+    def _lose(self, why: str) -> None:
+        self.lost = True
+        log.error("fastbackup: lost the lease of %s (%s); checkpoints are no "
+                  "longer committed", self.store.location, why)
+
+    def check(self) -> None:
+        """Raises if the lease was lost: committing could overwrite a new job."""
+        if self.lost:
+            raise BackupDirLockedError(
+                errno.EBUSY,
+                "the lease on backup_dir was lost (not renewed in time, or "
+                "taken over by another job); this checkpoint is not committed",
+                self.store.location,
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.seconds)
+        if self.lost:
+            return
+        try:
+            got = obstore.get(self.store.client, self.key)
+            info = json.loads(bytes(got.bytes()))
+            if info.get("owner") == self.owner:
+                obstore.delete(self.store.client, self.key)
+        except FileNotFoundError:
+            pass
+        except (obx.BaseError, ValueError) as e:
+            log.warning("fastbackup: could not release the lease of %s (it "
+                        "expires in %g s): %s", self.store.location,
+                        self.seconds, e)

