@@ -603,6 +603,16 @@ def test_cli_inspect_verify_export_on_a_url(s3_url, tmp_path, capsys):
         kernel = np.empty(reader.entries[0].shape, reader.entries[0].np_dtype)
         reader.read_tensor(reader.entries[0], kernel)
     assert np.array(untrained.layers[0].kernel.numpy()).tobytes() == kernel.tobytes()
+    # Without a model: rebuilt from the config the callback stored in the
+    # bucket, once per fit.
+    bare_file = tmp_path / "bare.weights.h5"
+    assert cli.main(["export", s3_url, str(bare_file)]) == 0
+    assert f"exported ckpt-{newest:012d}.fbk" in capsys.readouterr().out
+    fresh = make_model()
+    fresh.load_weights(bare_file)
+    assert np.array(fresh.layers[0].kernel.numpy()).tobytes() == kernel.tobytes()
+    assert cli.main(["inspect", "--no-verify", s3_url]) == 0
+    assert "model config: Sequential" in capsys.readouterr().out
 
     # Damage: verify reports it and exits 1. Nothing was modified by the CLI.
     key = store._key(newest_url.rsplit("/", 1)[1])
