@@ -533,10 +533,11 @@ def test_kill_9_mid_upload_leaves_a_whole_committed_checkpoint(s3_url):
         callback.set_model(model)
         callback.on_train_begin()
         assert callback.restored_from[0] == committed[0][0]
-        # Uncommitted objects are gone; every committed one is whole.
+        # Uncommitted objects are gone; every committed one is whole. The
+        # model config is the one object besides them, written once per fit.
         names = set(_names(store))
         assert {u.rsplit("/", 1)[1] for _, u in committed} | {
-            "COMMITTED", "LEASE"} == names
+            "COMMITTED", "LEASE", storage.MODEL_CONFIG_NAME} == names
         for _, url in store.list_checkpoints():
             with store.open_checkpoint(url) as reader:
                 reader.verify()
