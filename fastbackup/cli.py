@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 from fastbackup import storage
 from fastbackup.errors import CheckpointCorruptError, CheckpointMismatchError
+from fastbackup.format import CheckpointReader
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1

@@ -52,6 +52,7 @@ from fastbackup.storage import (
     WriteCancelled,
     check_object_name,
     checkpoint_name,
+    claim_in_process,
 )
 
 log = logging.getLogger("fastbackup")
@@ -600,21 +601,7 @@ class ObjectStore(Store):
         with _held_lock:
             held = _held.get(self.location)
             if held is not None:
-                previous = held.owner()
-                if previous is owner:
-                    held.thread = threading.get_ident()
-                elif previous is not None and held.thread != threading.get_ident():
-                    raise BackupDirLockedError(
-                        errno.EBUSY,
-                        "backup_dir is in use by another BackupAndRestore "
-                        "callback training in this process",
-                        self.location,
-                    )
-                else:
-                    held.flush()
-                    held.owner = weakref.ref(owner)
-                    held.flush = flush
-                    held.thread = threading.get_ident()
+                claim_in_process(held, owner, flush, self.location)
                 if not held.lease.lost:
                     return
                 del _held[self.location]

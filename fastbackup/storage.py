@@ -244,21 +244,7 @@ def acquire_lock(directory: str, owner: Any, flush: Callable[[], None]) -> None:
     with _held_lock:
         held = _held.get(key)
         if held is not None:
-            previous = held.owner()
-            if previous is owner:
-                held.thread = threading.get_ident()
-            elif previous is not None and held.thread != threading.get_ident():
-                raise BackupDirLockedError(
-                    errno.EBUSY,
-                    "backup_dir is in use by another BackupAndRestore "
-                    "callback training in this process",
-                    directory,
-                )
-            else:
-                held.flush()
-                held.owner = weakref.ref(owner)
-                held.flush = flush
-                held.thread = threading.get_ident()
+            claim_in_process(held, owner, flush, directory)
             if _is_lock_file(held.fd, directory):
                 return
             # The directory was removed, lock file included, since the lock
@@ -285,6 +271,43 @@ def acquire_lock(directory: str, owner: Any, flush: Callable[[], None]) -> None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         _held[key] = _Held(fd, owner, flush)
+
+
+def claim_in_process(
+    held: Any, owner: Any, flush: Callable[[], None], location: str
+) -> None:
+    """Applies the in-process rules to a lock this process already holds.
+
+    Shared by every store's lock (see `acquire_lock`): `owner` keeps the
+    lock it holds, or takes it over from a callback that cannot be training
+    concurrently (collected, or whose last `fit` ran on this thread), after
+    flushing that callback's pending writes.
+
+    Args:
+        held: the process's record of the lock, with `owner` (a weak
+            reference), `flush` and `thread` attributes.
+        owner: the callback taking the lock.
+        flush: waits until `owner`'s pending writes are done.
+        location: the backup location, for the error.
+
+    Raises:
+        BackupDirLockedError: a callback training on another thread holds it.
+    """
+    previous = held.owner()
+    if previous is owner:
+        held.thread = threading.get_ident()
+    elif previous is not None and held.thread != threading.get_ident():
+        raise BackupDirLockedError(
+            errno.EBUSY,
+            "backup_dir is in use by another BackupAndRestore "
+            "callback training in this process",
+            location,
+        )
+    else:
+        held.flush()
+        held.owner = weakref.ref(owner)
+        held.flush = flush
+        held.thread = threading.get_ident()
 
 
 def release_lock(directory: str, owner: Any) -> None:
