@@ -23,10 +23,29 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 HTTP_TIMEOUT = 10.0
+
+
+def _wait_until_serving(
+    proc: subprocess.Popen, url: str, name: str, stop: Callable[[], None]
+) -> None:
+    """Polls `url` until the server answers; a hang becomes an error."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")
+            raise RuntimeError(f"{name} exited: {err[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    stop()
+    raise RuntimeError(f"{name} did not start in {START_TIMEOUT} s")
 
 
 def free_port() -> int:
@@ -57,20 +76,9 @@ class MotoServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None,
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace")
-                raise RuntimeError(f"moto_server exited: {err[-2000:]}")
-            try:
-                with urllib.request.urlopen(
-                    f"{self.endpoint}/moto-api/", timeout=1
-                ):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"moto_server did not start in {START_TIMEOUT} s")
+        _wait_until_serving(self._proc, f"{self.endpoint}/moto-api/",
+                            "moto_server", self.stop)
+        return self
 
     @property
     def pid(self) -> int | None:
@@ -272,20 +280,9 @@ class FakeGCSServer:
              "-external-url", self.endpoint, "-log-level", "error"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace")
-                raise RuntimeError(f"fake-gcs-server exited: {err[-2000:]}")
-            try:
-                with urllib.request.urlopen(
-                    f"{self.endpoint}/storage/v1/b", timeout=1
-                ):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"fake-gcs-server did not start in {START_TIMEOUT} s")
+        _wait_until_serving(self._proc, f"{self.endpoint}/storage/v1/b",
+                            "fake-gcs-server", self.stop)
+        return self
 
     def stop(self) -> None:
         if self._proc is None:

@@ -378,9 +378,9 @@ def test_writer_error_can_be_a_warning(tmp_path, monkeypatch, caplog):
     assert cb.stats.saves == 0
 
 
-def test_busy_writer_coalesces_instead_of_blocking(tmp_path, monkeypatch):
-    # One host buffer, as a state above the automatic threshold gets.
-    monkeypatch.setenv("FASTBACKUP_PENDING_SNAPSHOTS", "0")
+@pytest.fixture
+def held_commits(monkeypatch):
+    """Holds every checkpoint commit until the returned event is set."""
     release = threading.Event()
     real_commit = storage.commit
 
@@ -389,6 +389,15 @@ def test_busy_writer_coalesces_instead_of_blocking(tmp_path, monkeypatch):
         return real_commit(*args, **kwargs)
 
     monkeypatch.setattr(storage, "commit", slow_commit)
+    yield release
+    release.set()
+
+
+def test_busy_writer_coalesces_instead_of_blocking(tmp_path, monkeypatch,
+                                                    held_commits):
+    # One host buffer, as a state above the automatic threshold gets.
+    monkeypatch.setenv("FASTBACKUP_PENDING_SNAPSHOTS", "0")
+    release = held_commits
     x, y = make_data(n=64)
     model = make_model()
 
@@ -501,18 +510,11 @@ def test_model_built_by_its_first_step_trains_and_resumes(tmp_path, save_freq):
                            all_state(model, metrics=False))
 
 
-def test_small_state_takes_every_due_save_at_once(tmp_path, monkeypatch):
+def test_small_state_takes_every_due_save_at_once(tmp_path, held_commits):
     # The first write is held; every later due save must still be
     # snapshotted when it falls due (into the second buffer), so the state
     # of the last batch before an exception is the one written.
-    release = threading.Event()
-    real_commit = storage.commit
-
-    def slow_commit(*args, **kwargs):
-        release.wait(30)
-        return real_commit(*args, **kwargs)
-
-    monkeypatch.setattr(storage, "commit", slow_commit)
+    release = held_commits
     x, y = make_data(n=64)
     model = make_model()
     cb = fastbackup.BackupAndRestore(tmp_path, save_freq=1)
