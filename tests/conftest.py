@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import struct
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -193,3 +197,45 @@ def gcs_server():
     server = FakeGCSServer().start()
     yield server
     server.stop()
+
+
+# Worker processes -------------------------------------------------------------
+
+
+def worker_env() -> dict[str, str]:
+    """The environment for a worker: none of the developer's FASTBACKUP_*."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("FASTBACKUP_") or k == "FASTBACKUP_PURE_PYTHON"}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(argvs: list[list[str]], timeout: float) -> list[dict]:
+    """Runs worker scripts side by side; returns each one's RESULT line.
+
+    Each worker prints one line `RESULT <json>`. Every worker must exit 0
+    within `timeout` seconds; all are killed on the way out, so that one
+    stuck in a collective can never hang the suite.
+    """
+    procs = [
+        subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=worker_env())
+        for argv in argvs
+    ]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, err[-3000:]
+            [line] = [l for l in out.splitlines() if l.startswith("RESULT ")]
+            results.append(json.loads(line[len("RESULT "):]))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
+    return results

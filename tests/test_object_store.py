@@ -33,7 +33,8 @@ from tests.conftest import (
     make_data,
     make_model,
 )
-from tests.object_servers import environ_without_fastbackup, list_multipart_uploads
+from tests.conftest import worker_env
+from tests.object_servers import list_multipart_uploads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_TIMEOUT = 120
@@ -219,7 +220,7 @@ _HOLDER = textwrap.dedent("""
 
 
 def _start_holder(url, lease):
-    env = environ_without_fastbackup()
+    env = worker_env()
     proc = subprocess.Popen(
         [sys.executable, "-c", _HOLDER.format(repo=REPO, url=url, lease=lease)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -491,7 +492,7 @@ _TRAINER = textwrap.dedent("""
 
 
 def test_kill_9_mid_upload_leaves_a_whole_committed_checkpoint(s3_url):
-    env = environ_without_fastbackup()
+    env = worker_env()
     env["FASTBACKUP_LEASE_SECONDS"] = "1"
     store = storage.open_store(s3_url)
     endpoint = os.environ["AWS_ENDPOINT_URL"]

@@ -18,6 +18,8 @@ import time
 import keras
 import pytest
 
+from tests.conftest import worker_env
+
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "preempt_worker.py")
@@ -25,8 +27,7 @@ STEPS_PER_EPOCH = 8
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("FASTBACKUP_") or k == "FASTBACKUP_PURE_PYTHON"}
+    env = worker_env()
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     env.update(extra)
     return env

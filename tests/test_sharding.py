@@ -6,14 +6,12 @@ The training runs in its own interpreter (`tests/sharding_worker.py`):
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import keras
 import pytest
+
+from tests.conftest import free_port, run_workers
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "sharding_worker.py")
@@ -25,13 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_sharded_model_resumes_bitwise_and_restores_onto_other_layouts(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("FASTBACKUP_") or k == "FASTBACKUP_PURE_PYTHON"}
-    proc = subprocess.run([sys.executable, WORKER, str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [line] = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    result = json.loads(line[len("RESULT "):])
+    [result] = run_workers([[WORKER, str(tmp_path)]], timeout=300)
     assert result["devices"] == 4 and result["sharded"]
     # Interrupted after batch 1 of epoch 1; resumed after that very batch.
     assert result["restored_from"][1:] == [1, 1]
@@ -55,29 +47,10 @@ MULTI = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 def test_multi_process_job_is_refused_clearly_in_every_process(tmp_path):
     # Multi-process backups are not built yet (docs/distributed.md): every
     # process must fail at once with a clear error, none may hang.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("FASTBACKUP_") or k == "FASTBACKUP_PURE_PYTHON"}
-    procs = [
-        subprocess.Popen([sys.executable, MULTI, str(tmp_path), str(i),
-                          str(port)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
-        for i in range(2)
-    ]
-    results = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=240)
-            assert proc.returncode == 0, err[-3000:]
-            [line] = [l for l in out.splitlines() if l.startswith("RESULT ")]
-            results.append(json.loads(line[len("RESULT "):]))
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=30)
+    port = str(free_port())
+    results = run_workers(
+        [[MULTI, str(tmp_path), str(i), port] for i in range(2)], timeout=240
+    )
     for index, result in enumerate(results):
         assert result["fit"] == "refused" and result["processes"] == 2
         assert "does not back up multi-process JAX jobs yet" in result["error"]
