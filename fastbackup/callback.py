@@ -18,7 +18,14 @@ import numpy as np
 
 from fastbackup import config as config_lib
 from fastbackup import format as fmt
-from fastbackup import model_config, overlap, restore, storage
+from fastbackup import (
+    coordination,
+    model_config,
+    overlap,
+    parts,
+    restore,
+    storage,
+)
 from fastbackup import writer as writer_lib
 from fastbackup.snapshot import Snapshotter, collect_variables
 from fastbackup.writer import BackgroundWriter, WriterStats, as_write_error
@@ -131,11 +138,18 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.delete_checkpoint = delete_checkpoint
         self.config = config_lib.from_environ()
         # Picked once: an unsupported URL fails here, not at the first save.
-        self.store = storage.open_store(
+        self._location_store = storage.open_store(
             self.backup_dir,
             lease_seconds=self.config.lease_seconds,
             retry_seconds=self.config.retry_seconds,
         )
+        # The store a fit writes through: the location's own, or in a
+        # multi-process job this process's parts of it (`parts`).
+        self.store: storage.Store = self._location_store
+        self._coordinator: coordination.Coordinator | None = None
+        # Batch ends seen in this fit: the clock on which the processes of
+        # a multi-process job agree to stop at SIGTERM.
+        self._fit_batches = 0
         self.resume_mid_epoch = (
             self.config.resume_mid_epoch
             if resume_mid_epoch is None
@@ -148,8 +162,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         )
         # Batch-end work reads the variables, so it must run between steps,
         # not on Keras's executor concurrently with the next step. With no
-        # batch-level saves the hook does nothing and may run anywhere.
-        self.async_safe = not isinstance(save_freq, int) or save_freq is False
+        # batch-level saves the hook does nothing and may run anywhere, but
+        # for the SIGTERM stop of a multi-process job, which must be agreed
+        # on between steps too.
+        self.async_safe = (
+            not isinstance(save_freq, int) or save_freq is False
+        ) and not (self.handle_sigterm and coordination.job_client())
         self._batches_seen_since_last_saving = 0
         self._last_batch_seen = 0
         self._current_epoch = 0
@@ -205,7 +223,6 @@ class BackupAndRestore(keras.callbacks.Callback):
     # Keras hooks ------------------------------------------------------------
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        _refuse_multi_process_jax()
         writer = self._get_writer()
         if self._gate is not None:
             # A fit that raised skipped on_train_end: its last overlapped
@@ -214,6 +231,15 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._raise_copy_error()
         # A previous, interrupted fit may still be writing its last state.
         writer.wait_until_finished()
+        self._coordinator = coordination.coordinator(
+            self._location_store.location, self.config.peer_timeout_seconds
+        )
+        self.store = (
+            self._location_store if self._coordinator is None
+            else parts.ProcessParts(self._location_store, self._coordinator)
+        )
+        writer.store = self.store
+        self._fit_batches = 0
         self.store.acquire_lock(
             self,
             lambda: writer.wait_until_finished(raise_errors=False),
@@ -277,7 +303,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             # A batch trained before the checkpoint, skipped: reaches here
             # only where the other callbacks could not be spared it.
             return
-        if self._sigterm_pending:
+        self._fit_batches += 1
+        if self._preemption_due():
             self._stop_for_preemption(batch)
             return
         due = self._should_save_on_batch(batch)
@@ -305,7 +332,13 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._stop_hiding()
         previous_sigterm = self._previous_sigterm
         self._restore_sigterm_handler()
-        late_sigterm = self._sigterm_pending
+        late_sigterm = self._sigterm_pending or (
+            # Another process of the job was told to stop after the last
+            # step boundary: every process saves that same final state.
+            self.handle_sigterm and not self._preempted
+            and self._coordinator is not None
+            and self._coordinator.peek("sigterm") is not None
+        )
         if late_sigterm:
             # SIGTERM came after the last step boundary: the final state is
             # saved and kept, as for a preemption mid-training.
@@ -327,9 +360,15 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._raise_writer_error()
         self._raise_copy_error()
         self._log_summary()
+        if isinstance(self.store, parts.ProcessParts):
+            # Process 0 deletes or unlocks only once no process writes.
+            self.store.end_fit()
         if delete and self.store.exists():
             self.store.remove_all()
         self.store.release_lock(self)
+        if isinstance(self.store, parts.ProcessParts):
+            # And `fit` returns in every process once that is done.
+            self.store.end_fit(after_cleanup=True)
         if late_sigterm and callable(previous_sigterm):
             previous_sigterm(signal.SIGTERM, None)
 
@@ -388,7 +427,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._gate.wait()
             self._raise_copy_error()
         writer = self._get_writer()
-        slot = writer.checkout(block=block)
+        # In a multi-process job every process must save the same steps:
+        # a save skipped in one process would leave the others' parts of
+        # it uncommittable.
+        slot = writer.checkout(block=block or self._coordinator is not None)
         if slot is None:
             # The writer is busy: this save is merged into the next one,
             # taken at the first step boundary where the writer is free.
@@ -530,7 +572,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             # Make sure optimizer variables exist before loading.
             model.optimizer.build(model.trainable_variables)
         reader = restore.restore_latest(
-            self.store, model, fall_back=self.double_checkpoint
+            self.store, model, fall_back=self.double_checkpoint,
+            agree=self._agree_on_restore(),
         )
         if reader is None:
             return
@@ -542,6 +585,47 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._resume_mid_epoch(reader.epoch, reader.batch)
         log.info("restored %s: epoch %d, batch %d", reader.path, reader.epoch,
                  reader.batch)
+
+    def _agree_on_restore(self) -> Callable[[bool], bool] | None:
+        """Makes every process of a job restore the same checkpoint."""
+        coordinator = self._coordinator
+        if coordinator is None:
+            return None
+        tried = [0]
+
+        def agree(verified: bool) -> bool:
+            tried[0] += 1
+            return all(coordinator.agree(
+                f"restore/{tried[0]}", verified,
+                "the verification of the checkpoint to restore",
+            ))
+
+        return agree
+
+    def _preemption_due(self) -> bool:
+        """True at the step boundary where training stops for SIGTERM.
+
+        In one process: the first boundary after the signal. In a
+        multi-process job the signal may reach one process only, and all
+        must save the same step: the first process to see it proposes the
+        next boundary, and every process stops there. Each boundary comes
+        after a step whose logs Keras has fetched, so after a step all the
+        processes took part in: a process reaching the proposed boundary
+        has passed the proposer's, where the proposal was published.
+        """
+        coordinator = self._coordinator
+        if coordinator is None or not self.handle_sigterm:
+            return self._sigterm_pending
+        if self._sigterm_pending:
+            coordinator.first_wins("sigterm", self._fit_batches + 1)
+            self._sigterm_pending = False
+        stop = coordinator.peek("sigterm")
+        if stop is None or self._fit_batches < stop:
+            return False
+        if self._fit_batches > stop:
+            log.warning("fastbackup: SIGTERM stop agreed for batch %d of this "
+                        "fit was reached late, at %d", stop, self._fit_batches)
+        return True
 
     def _resume_mid_epoch(self, epoch: int, batch: int) -> None:
         """Makes the resumed `fit` skip the batches trained before `batch`.
@@ -690,27 +774,6 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
-
-
-def _refuse_multi_process_jax() -> None:
-    """Fails fast where every process would write the whole state.
-
-    In a multi-process JAX job each process would lock the same directory
-    and fetch arrays it cannot address: one process failed on the lock
-    while the others hung in a collective until the coordination service
-    gave up. Both are replaced by this error, raised in every process.
-    """
-    if keras.backend.backend() != "jax":
-        return
-    import jax
-
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            "fastbackup.BackupAndRestore does not back up multi-process JAX "
-            "jobs yet (docs/distributed.md). Received: "
-            f"jax.process_count()={jax.process_count()}, "
-            f"jax.process_index()={jax.process_index()}."
-        )
 
 
 class _HiddenBatches:

@@ -77,6 +77,12 @@ class Config:
             connections) before the write fails with `BackupWriteError`.
             `FASTBACKUP_RETRY_SECONDS`: seconds, from 0.5 to 86400.
             Defaults to 180.
+        peer_timeout_seconds: in a multi-process job, how long one process
+            waits for the others (their parts of a checkpoint, the commit,
+            the lock, the end of `fit`) before its write fails with
+            `BackupWriteError`; a process that JAX's coordination service
+            reports dead fails it at once. `FASTBACKUP_PEER_TIMEOUT_SECONDS`:
+            seconds, from 0.5 to 86400. Defaults to 300.
     """
 
     compression_level: int | None = 1
@@ -91,6 +97,7 @@ class Config:
     overlap: bool = False
     lease_seconds: float = 60.0
     retry_seconds: float = 180.0
+    peer_timeout_seconds: float = 300.0
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -208,6 +215,7 @@ def from_environ(environ: Mapping[str, str] | None = None) -> Config:
         "FASTBACKUP_OVERLAP": ("overlap", _bool),
         "FASTBACKUP_LEASE_SECONDS": ("lease_seconds", _seconds),
         "FASTBACKUP_RETRY_SECONDS": ("retry_seconds", _seconds),
+        "FASTBACKUP_PEER_TIMEOUT_SECONDS": ("peer_timeout_seconds", _seconds),
     }
     # Variables that are read elsewhere, before any callback exists.
     known_elsewhere = {"FASTBACKUP_PURE_PYTHON"}

@@ -48,3 +48,7 @@ class BackupDirLockedError(FastBackupError, OSError):
 
 class ConfigError(FastBackupError, ValueError):
     """A `FASTBACKUP_*` environment variable has an invalid value."""
+
+
+class PeerError(FastBackupError, OSError):
+    """Another process of a multi-process job failed, died or timed out."""

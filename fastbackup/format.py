@@ -2,7 +2,7 @@
 
 Layout of a checkpoint file (all integers little-endian)::
 
-    prefix   16 bytes   magic b"\\x89FBKP\\r\\n\\x1a", u32 version, u32 flags (0),
+    prefix   16 bytes   magic b"\\x89FBKP\\r\\n\\x1a", u32 version, u32 flags,
                         then (version 2) zeros up to offset 4096
     payload  tensors' stored bytes in header order; in version 2 each
              starts at a multiple of 4096 and is followed by zeros up to the
@@ -27,6 +27,14 @@ Version 2 aligns the tensors so that the writer can hand the snapshot's
 page-aligned buffers to O_DIRECT as they are, without a bounce copy
 (`snapshot.HostSnapshot.allocate`, `native/atomic_file.c`); readers read
 both versions.
+
+The flags say what kind of file it is. 0: a whole checkpoint. A
+multi-process job (`parts`) writes one file per process with `FLAG_PART`,
+whose tensors are that process's shards (each entry then carries the
+variable's global shape and the shard's start), and commits them with a
+file of `FLAG_MANIFEST` that holds no tensor, only the training position
+and the list of parts. A reader that predates a flag refuses the file
+instead of misreading it.
 """
 
 from __future__ import annotations
@@ -68,8 +76,19 @@ FOOTER_SIZE = _FOOTER.size
 MAX_HEADER_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 1_000_000
 MAX_RANK = 32
-# Names are keys of our own making; anything else in a file is hostile.
+# Names are keys of our own making; anything else in a file is hostile. A
+# shard in a part adds ":<ordinal>" to its variable's name.
 _NAME_RE = re.compile(r"^(model|optimizer|metrics|extra)\.[0-9]{1,9}$")
+_SHARD_NAME_RE = re.compile(
+    r"^(model|optimizer|metrics|extra)\.[0-9]{1,9}:[0-9]{1,6}$"
+)
+# File kinds (the prefix's flags; version 2 only).
+FLAG_PART = 1
+FLAG_MANIFEST = 2
+_KNOWN_FLAGS = (0, FLAG_PART, FLAG_MANIFEST)
+# A manifest names at most this many parts (one per process).
+MAX_PARTS = 1 << 16
+_PART_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 _DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name)
@@ -124,10 +143,29 @@ class TensorEntry:
     crc32c: int
     # Zero bytes after the stored ones, covered by `crc32c` (version 2).
     padding: int = 0
+    # For a shard (in a part): the variable's global shape, and where the
+    # shard starts in it; `None` for a whole tensor.
+    global_shape: tuple[int, ...] | None = None
+    start: tuple[int, ...] | None = None
 
     @property
     def np_dtype(self) -> np.dtype:
         return dtype_from_name(self.dtype)
+
+    @property
+    def variable(self) -> str:
+        """The saved variable's name ("model.3"), shard ordinal dropped."""
+        return self.name.partition(":")[0]
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        """The variable's shape (the tensor's own for a whole tensor)."""
+        return self.shape if self.global_shape is None else self.global_shape
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Where this tensor starts in its variable (zeros when whole)."""
+        return self.start if self.start is not None else (0,) * len(self.shape)
 
 
 class CompressionPolicy:
@@ -224,10 +262,12 @@ class EncodedCheckpoint:
             crc = crcs[e["segment"]]
             if e["pad"]:
                 crc = native.crc32c(_ZEROS[: e["pad"]], crc)
-            tensors.append(
-                [e["name"], e["path"], e["dtype"], list(e["shape"]),
-                 e["codec"], e["offset"], e["stored_size"], e["raw_size"], crc]
-            )
+            fields = [e["name"], e["path"], e["dtype"], list(e["shape"]),
+                      e["codec"], e["offset"], e["stored_size"], e["raw_size"],
+                      crc]
+            if e.get("shard") is not None:
+                fields.append(e["shard"])
+            tensors.append(fields)
         header = msgpack.packb(
             {**self.meta, "tensors": tensors}, use_bin_type=True
         )
@@ -260,9 +300,8 @@ def encode(
     Returns:
         The segments to write (prefix first) and what the header needs.
     """
-    segments: list[Any] = [
-        _PREFIX.pack(MAGIC, VERSION, 0) + bytes(ALIGNMENT - PREFIX_SIZE)
-    ]
+    part = snapshot.part
+    segments: list[Any] = [_prefix(FLAG_PART if part is not None else 0)]
     entries: list[dict[str, Any]] = []
     offset = ALIGNMENT
     for index, (spec, array) in enumerate(zip(snapshot.specs, snapshot.arrays)):
@@ -284,6 +323,11 @@ def encode(
                 "raw_size": spec.nbytes,
                 "segment": len(segments),
                 "pad": 0 if region is not None else slot - stored_size,
+                "shard": (
+                    [list(spec.global_shape), list(spec.start or ())]
+                    if spec.global_shape is not None
+                    else None
+                ),
             }
         )
         if region is not None:
@@ -301,19 +345,54 @@ def encode(
         "created": float(snapshot.taken_at),
         "extra": snapshot.metadata,
     }
+    if part is not None:
+        meta["part"] = {"index": int(part[0]), "count": int(part[1])}
+        meta["flags"] = FLAG_PART
     return EncodedCheckpoint(segments, entries, meta, offset)
+
+
+def _prefix(flags: int) -> bytes:
+    return _PREFIX.pack(MAGIC, VERSION, flags) + bytes(ALIGNMENT - PREFIX_SIZE)
+
+
+def encode_manifest(
+    meta: dict[str, Any], parts: list[dict[str, Any]]
+) -> EncodedCheckpoint:
+    """The commit record of a multi-process checkpoint: a file of no tensor.
+
+    Args:
+        meta: the training position and metadata, as in a part's header
+            (`step`, `epoch`, `batch`, `created`, `extra`).
+        parts: one `{"name", "size"}` per process, in process order: the
+            part files, and their sizes as written.
+
+    Returns:
+        A checkpoint to commit under the step's own name: it becomes the
+        checkpoint, and the parts with it.
+    """
+    head = {k: v for k, v in meta.items() if k not in ("part", "tensors")}
+    head["flags"] = FLAG_MANIFEST
+    head["parts"] = [
+        {"name": str(p["name"]), "size": int(p["size"])} for p in parts
+    ]
+    return EncodedCheckpoint([_prefix(FLAG_MANIFEST)], [], head, ALIGNMENT)
 
 
 def _corrupt(path: str, reason: str) -> CheckpointCorruptError:
     return CheckpointCorruptError(path, reason)
 
 
-def _entry(path: str, index: int, raw: Any, version: int) -> TensorEntry:
+def _entry(
+    path: str, index: int, raw: Any, version: int, flags: int = 0
+) -> TensorEntry:
     where = f"tensor #{index}"
-    if not isinstance(raw, list) or len(raw) != 9:
+    # A part's entries carry a tenth field: [global shape, start].
+    fields = 10 if flags == FLAG_PART else 9
+    if not isinstance(raw, list) or len(raw) != fields:
         raise _corrupt(path, f"{where}: malformed entry")
-    name, vpath, dtype, shape, codec, offset, stored, size, crc = raw
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    name, vpath, dtype, shape, codec, offset, stored, size, crc = raw[:9]
+    names = _SHARD_NAME_RE if flags == FLAG_PART else _NAME_RE
+    if not isinstance(name, str) or not names.match(name):
         raise _corrupt(path, f"{where}: invalid tensor name {name!r}")
     if (
         not isinstance(vpath, str)
@@ -350,10 +429,29 @@ def _entry(path: str, index: int, raw: Any, version: int) -> TensorEntry:
     if codec == "raw" and stored != size:
         raise _corrupt(path, f"{where} ({name}): raw tensor of wrong size")
     padding = align_up(stored) - stored if version >= 2 else 0
+    global_shape = start = None
+    if fields == 10:
+        global_shape, start = _shard(path, f"{where} ({name})", raw[9], shape)
     return TensorEntry(
         name, vpath, dtype, tuple(shape), codec, offset, stored, size, crc,
-        padding,
+        padding, global_shape, start,
     )
+
+
+def _shard(
+    path: str, where: str, raw: Any, shape: list[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validates a shard's `[global shape, start]`: inside the variable."""
+    ok = isinstance(raw, list) and len(raw) == 2 and all(
+        isinstance(v, list) and len(v) == len(shape)
+        and all(isinstance(d, int) and 0 <= d < 1 << 48 for d in v)
+        for v in raw
+    )
+    if not ok or any(
+        s + n > g for s, n, g in zip(raw[1], shape, raw[0])
+    ):
+        raise _corrupt(path, f"{where}: invalid shard placement {raw!r}")
+    return tuple(raw[0]), tuple(raw[1])
 
 
 class CheckpointReader:
@@ -427,10 +525,11 @@ class CheckpointReader:
                 f"reads versions {readable}); upgrade fastbackup",
             )
         self.version: int = version
-        # Versions 1 and 2 define no flags: one set by a newer writer could
-        # change the meaning of what follows, so it is refused, not ignored.
-        if flags != 0:
+        # A flag this reader does not know could change the meaning of
+        # what follows, so it is refused, not ignored. Version 1 has none.
+        if flags not in _KNOWN_FLAGS or (version < 2 and flags):
             raise _corrupt(path, f"unknown format flags {flags:#x}")
+        self.flags: int = flags
         footer = self._read_exact(self.file_size - FOOTER_SIZE, FOOTER_SIZE)
         h_off, h_len, h_crc, f_version, f_crc, reserved, f_magic = (
             _FOOTER.unpack(footer)
@@ -465,12 +564,27 @@ class CheckpointReader:
         for key in ("step", "epoch", "batch"):
             if not isinstance(meta.get(key), int) or meta[key] < 0:
                 raise _corrupt(path, f"header field {key!r} is invalid")
+        # No checksum covers the prefix: the header, which one does, says
+        # the flags again, so that a damaged flag cannot change the file's
+        # kind.
+        if meta.get("flags", 0) != flags:
+            raise _corrupt(path, "prefix flags disagree with the header")
         tensors = meta.pop("tensors", None)
         if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
             raise _corrupt(path, "header has no valid tensor list")
         if not isinstance(meta.get("extra", {}), dict):
             raise _corrupt(path, "header field 'extra' is invalid")
-        entries = [_entry(path, i, t, version) for i, t in enumerate(tensors)]
+        entries = [
+            _entry(path, i, t, version, flags) for i, t in enumerate(tensors)
+        ]
+        self.parts: list[dict[str, Any]] = []
+        self.part: tuple[int, int] | None = None
+        if flags == FLAG_MANIFEST:
+            if entries:
+                raise _corrupt(path, "a manifest holds no tensor")
+            self.parts = _parts(path, meta.get("parts"))
+        elif flags == FLAG_PART:
+            self.part = _part_position(path, meta.get("part"))
         expected = first
         names: set[str] = set()
         for e in entries:
@@ -484,6 +598,16 @@ class CheckpointReader:
             raise _corrupt(path, "payload size does not match the header")
         self.meta: dict[str, Any] = meta
         self.entries: list[TensorEntry] = entries
+
+    @property
+    def is_manifest(self) -> bool:
+        """True for the commit record of a multi-process checkpoint."""
+        return self.flags == FLAG_MANIFEST
+
+    @property
+    def is_part(self) -> bool:
+        """True for one process's part of a multi-process checkpoint."""
+        return self.flags == FLAG_PART
 
     @property
     def epoch(self) -> int:
@@ -620,6 +744,38 @@ class CheckpointReader:
                 crc = native.crc32c(data, crc)
             if crc != e.crc32c:
                 raise _corrupt(self.path, f"checksum mismatch in tensor {e.name}")
+
+
+def _parts(path: str, raw: Any) -> list[dict[str, Any]]:
+    """Validates a manifest's list of parts."""
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_PARTS:
+        raise _corrupt(path, "manifest has no valid list of parts")
+    parts = []
+    for i, p in enumerate(raw):
+        if (
+            not isinstance(p, dict)
+            or not isinstance(p.get("name"), str)
+            or not _PART_FILE_RE.match(p["name"])
+            or not isinstance(p.get("size"), int)
+            or p["size"] < 0
+        ):
+            raise _corrupt(path, f"manifest part #{i} is invalid")
+        parts.append({"name": p["name"], "size": p["size"]})
+    if len({p["name"] for p in parts}) != len(parts):
+        raise _corrupt(path, "manifest names a part twice")
+    return parts
+
+
+def _part_position(path: str, raw: Any) -> tuple[int, int]:
+    """Validates a part's `{"index", "count"}`."""
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("index"), int)
+        or not isinstance(raw.get("count"), int)
+        or not 0 <= raw["index"] < raw["count"] <= MAX_PARTS
+    ):
+        raise _corrupt(path, "part has no valid position")
+    return raw["index"], raw["count"]
 
 
 def _check_frame_size(path: str, entry: TensorEntry, stored: bytes) -> None:

@@ -47,10 +47,12 @@ from fastbackup.errors import BackupDirLockedError
 from fastbackup.format import CheckpointReader, EncodedCheckpoint
 from fastbackup.storage import (
     _CHECKPOINT_RE,
+    PART_RE,
     CommitResult,
     Store,
     WriteCancelled,
     check_object_name,
+    check_part_name,
     checkpoint_name,
     claim_in_process,
 )
@@ -380,8 +382,28 @@ class ObjectStore(Store):
         """
         held = self._held_lease()
         name = checkpoint_name(step)
-        url = self.url_of(name)
         start = time.perf_counter()
+        size = self._upload(name, encoded, cancel)
+        if held is not None:
+            held.check()
+        # The commit point: the record now names the new checkpoint (and,
+        # once `prune` has said how many to keep, only those: the objects it
+        # no longer names are deleted by the `prune` that follows).
+        entries = [e for e in self._committed() if e["step"] != step]
+        entries.insert(0, {"step": int(step), "name": name, "size": size})
+        if self._keep is not None:
+            self._dropped += [e["name"] for e in entries[self._keep:]]
+            entries = entries[:self._keep]
+        self._write_record(entries)
+        return CommitResult(self.url_of(name), step, size,
+                            time.perf_counter() - start)
+
+    def _upload(
+        self, name: str, encoded: EncodedCheckpoint,
+        cancel: threading.Event | None,
+    ) -> int:
+        """Uploads one checkpoint file as object `name`; returns its size."""
+        url = self.url_of(name)
         crcs: list[int] = []
         sizes = [0]
 
@@ -414,18 +436,7 @@ class ObjectStore(Store):
         if cancel is not None and cancel.is_set():
             self._delete([name])
             raise WriteCancelled(name)
-        if held is not None:
-            held.check()
-        # The commit point: the record now names the new checkpoint (and,
-        # once `prune` has said how many to keep, only those: the objects it
-        # no longer names are deleted by the `prune` that follows).
-        entries = [e for e in self._committed() if e["step"] != step]
-        entries.insert(0, {"step": int(step), "name": name, "size": sizes[0]})
-        if self._keep is not None:
-            self._dropped += [e["name"] for e in entries[self._keep:]]
-            entries = entries[:self._keep]
-        self._write_record(entries)
-        return CommitResult(url, step, sizes[0], time.perf_counter() - start)
+        return sizes[0]
 
     def prune(self, keep: int) -> None:
         self._keep = keep
@@ -516,7 +527,9 @@ class ObjectStore(Store):
         The bytes land in an anonymous in-memory file (memfd), never on the
         local disk; the reader then verifies and maps it like a local file.
         """
-        name = self._name_of_url(location)
+        return self._open(self._name_of_url(location), location)
+
+    def _open(self, name: str, location: str) -> CheckpointReader:
         key = self._key(name)
         try:
             # The size the record gives (a HEAD when it does not): a
@@ -577,6 +590,29 @@ class ObjectStore(Store):
     def read_object(self, name: str) -> bytes | None:
         check_object_name(name)
         return self._get_small(name)
+
+    def write_part(
+        self,
+        name: str,
+        step: int,
+        encoded: EncodedCheckpoint,
+        sync: bool,
+        cancel: threading.Event | None = None,
+        direct: bool = False,
+    ) -> CommitResult:
+        start = time.perf_counter()
+        size = self._upload(check_part_name(name), encoded, cancel)
+        return CommitResult(self.url_of(name), step, size,
+                            time.perf_counter() - start)
+
+    def open_part(self, name: str) -> CheckpointReader:
+        return self._open(check_part_name(name), self.url_of(name))
+
+    def list_parts(self) -> list[str]:
+        return sorted(n for n in self._list_names() if PART_RE.match(n))
+
+    def remove_parts(self, names: list[str]) -> None:
+        self._delete([check_part_name(n) for n in names])
 
     # Lock -------------------------------------------------------------------
 

@@ -3,11 +3,20 @@
 Everything is verified before the model is touched: the file's checksums,
 and that every saved tensor matches a model variable by name, shape and
 dtype. A mismatch or damage never leaves a partially loaded model.
+
+A checkpoint is a whole file, or (from a multi-process job, see `parts`) a
+manifest naming one part per process, each holding shards of the
+variables. Either restores onto whatever layout the variables have now:
+each variable's value is built for the pieces of it this process holds
+(`addressable_devices_indices_map` of its JAX sharding; the whole array
+elsewhere), from the saved shards that intersect them. A process therefore
+reads only the saved shards it needs, and holds only its own pieces.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -20,14 +29,158 @@ from fastbackup.snapshot import collect_variables, host_dtype
 
 log = logging.getLogger("fastbackup")
 
+# A region of a variable: its start and its shape.
+Region = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+class _Saved:
+    """The saved pieces of one variable: whole, or shards from parts."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[CheckpointReader, TensorEntry]] = []
+        self._views: dict[int, np.ndarray] = {}
+
+    def view(self, index: int) -> np.ndarray:
+        """Piece `index`'s value, checksum verified (once)."""
+        if index not in self._views:
+            reader, entry = self.pieces[index]
+            self._views[index] = reader.verified_view(entry)
+        return self._views[index]
+
+    def drop_views(self) -> None:
+        self._views.clear()
+
+    def region(self, want: Region, dtype: np.dtype) -> np.ndarray:
+        """The saved values of region `want`, from the pieces it meets.
+
+        A region that is exactly one piece is that piece's view (no copy).
+        """
+        start, shape = want
+        for i, (_, entry) in enumerate(self.pieces):
+            if entry.offsets == start and entry.shape == shape:
+                return self.view(i)
+        out = np.empty(shape, dtype=dtype)
+        for i, (_, entry) in enumerate(self.pieces):
+            overlap = _intersect((entry.offsets, entry.shape), want)
+            if overlap is None:
+                continue
+            lo, hi = overlap
+            src = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, entry.offsets))
+            dst = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, start))
+            out[dst] = self.view(i)[src]
+        return out
+
+
+def _intersect(a: Region, b: Region) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """`(low, high)` corners of the intersection of two regions, or None."""
+    lo = tuple(max(x, y) for x, y in zip(a[0], b[0]))
+    hi = tuple(
+        min(x + n, y + m) for x, n, y, m in zip(a[0], a[1], b[0], b[1])
+    )
+    if any(h <= low for low, h in zip(lo, hi)):
+        return None
+    return lo, hi
+
+
+def _volume(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _covers(entries: list[TensorEntry], shape: tuple[int, ...]) -> bool:
+    """True if disjoint `entries` tile a variable of `shape` exactly."""
+    if sum(_volume(e.shape) for e in entries) != _volume(shape):
+        return False
+    regions = [(e.offsets, e.shape) for e in entries]
+    for i, a in enumerate(regions):
+        for b in regions[i + 1:]:
+            if _volume(a[1]) and _volume(b[1]) and _intersect(a, b) is not None:
+                return False
+    return True
+
+
+def _model_variables(
+    model: keras.Model, names: set[str], where: str
+) -> list[tuple[str, Any]]:
+    """The model's variables, without compiled metrics not yet built."""
+    variables = collect_variables(model)
+    compiled = getattr(model, "_compile_metrics", None)
+    if compiled is not None and not compiled.built:
+        # On TensorFlow a fresh model builds its compiled metrics only when
+        # the first train step is traced, after `on_train_begin`. Keras
+        # resets metrics at every epoch start, so their saved values carry
+        # nothing a resumed epoch would use.
+        expected = {name for name, _ in variables}
+        skipped = [n for n in names if n.startswith("metrics.") and n not in expected]
+        for name in skipped:
+            names.discard(name)
+        if skipped:
+            log.debug("compiled metrics not built yet: %d saved metric "
+                      "variables of %s not restored", len(skipped), where)
+    return variables
+
+
+def _match(
+    where: str, saved: dict[str, _Saved], model: keras.Model
+) -> list[tuple[Any, _Saved]]:
+    """Pairs every model variable with its saved pieces.
+
+    Raises:
+        CheckpointMismatchError: naming the first variable that differs.
+        CheckpointCorruptError: a variable's shards do not tile it.
+    """
+    names = set(saved)
+    variables = _model_variables(model, names, where)
+    expected = {name for name, _ in variables}
+    for name, variable in variables:
+        path = getattr(variable, "path", name)
+        found = saved.get(name)
+        if found is None:
+            raise CheckpointMismatchError(
+                f"Checkpoint {where!r} does not match the model: "
+                f"variable {name} ({path}) is not in the checkpoint, which "
+                f"holds {len(names)} variables for the model's "
+                f"{len(variables)}."
+            )
+        entry = found.pieces[0][1]
+        want_dtype = host_dtype(variable).name
+        want_shape = tuple(int(d) for d in variable.shape)
+        if entry.full_shape != want_shape or entry.dtype != want_dtype:
+            raise CheckpointMismatchError(
+                f"Checkpoint {where!r} does not match the model: "
+                f"variable {name} ({path}) is {want_shape} {want_dtype} in "
+                f"the model but {entry.full_shape} {entry.dtype} in the "
+                f"checkpoint (saved as {entry.path})."
+            )
+        entries = [e for _, e in found.pieces]
+        if any(
+            e.full_shape != entry.full_shape or e.dtype != entry.dtype
+            for e in entries
+        ) or not _covers(entries, want_shape):
+            raise CheckpointCorruptError(
+                where, f"the saved shards of variable {name} ({path}) do not "
+                "cover it exactly once"
+            )
+    extra = sorted(n for n in names if n not in expected)
+    if extra:
+        e = saved[extra[0]].pieces[0][1]
+        raise CheckpointMismatchError(
+            f"Checkpoint {where!r} does not match the model: it holds "
+            f"variable {e.variable} ({e.path}) that the model does not have "
+            f"(checkpoint: {len(names)} variables, model: {len(variables)})."
+        )
+    return [(variable, saved[name]) for name, variable in variables]
+
 
 def match_state(
     reader: CheckpointReader, model: keras.Model
 ) -> list[tuple[Any, TensorEntry]]:
-    """Pairs every model variable with its tensor in `reader`.
+    """Pairs every model variable with its tensor in a whole checkpoint.
 
     Args:
-        reader: an opened checkpoint (header verified).
+        reader: an opened checkpoint (header verified), not a manifest.
         model: the model the state is for; its optimizer must be built.
 
     Returns:
@@ -36,57 +189,158 @@ def match_state(
     Raises:
         CheckpointMismatchError: naming the first variable that differs.
     """
-    variables = collect_variables(model)
-    entries = {e.name: e for e in reader.entries}
-    expected = {name for name, _ in variables}
-    compiled = getattr(model, "_compile_metrics", None)
-    if compiled is not None and not compiled.built:
-        # On TensorFlow a fresh model builds its compiled metrics only when
-        # the first train step is traced, after `on_train_begin`. Keras
-        # resets metrics at every epoch start, so their saved values carry
-        # nothing a resumed epoch would use.
-        skipped = [
-            n for n in entries if n.startswith("metrics.") and n not in expected
-        ]
-        for name in skipped:
-            del entries[name]
-        if skipped:
-            log.debug("compiled metrics not built yet: %d saved metric "
-                      "variables not restored", len(skipped))
-    for name, variable in variables:
-        path = getattr(variable, "path", name)
-        entry = entries.get(name)
-        if entry is None:
-            raise CheckpointMismatchError(
-                f"Checkpoint {reader.path!r} does not match the model: "
-                f"variable {name} ({path}) is not in the checkpoint, which "
-                f"holds {len(entries)} variables for the model's "
-                f"{len(variables)}."
-            )
-        want_dtype = host_dtype(variable).name
-        want_shape = tuple(int(d) for d in variable.shape)
-        if entry.shape != want_shape or entry.dtype != want_dtype:
-            raise CheckpointMismatchError(
-                f"Checkpoint {reader.path!r} does not match the model: "
-                f"variable {name} ({path}) is {want_shape} {want_dtype} in "
-                f"the model but {entry.shape} {entry.dtype} in the checkpoint "
-                f"(saved as {entry.path})."
-            )
-    extra = [n for n in entries if n not in expected]
-    if extra:
-        e = entries[extra[0]]
-        raise CheckpointMismatchError(
-            f"Checkpoint {reader.path!r} does not match the model: it holds "
-            f"variable {e.name} ({e.path}) that the model does not have "
-            f"(checkpoint: {len(entries)} variables, model: {len(variables)})."
-        )
-    return [(variable, entries[name]) for name, variable in variables]
+    plan = _match(reader.path, _whole(reader), model)
+    return [(variable, found.pieces[0][1]) for variable, found in plan]
+
+
+def _whole(reader: CheckpointReader) -> dict[str, _Saved]:
+    saved: dict[str, _Saved] = {}
+    for entry in reader.entries:
+        saved.setdefault(entry.variable, _Saved()).pieces.append((reader, entry))
+    return saved
+
+
+class _Parts:
+    """The parts a manifest names, opened and checked against it."""
+
+    def __init__(self, store: storage.Store, manifest: CheckpointReader) -> None:
+        self.readers: list[CheckpointReader] = []
+        try:
+            count = len(manifest.parts)
+            for index, part in enumerate(manifest.parts):
+                reader = store.open_part(part["name"])
+                self.readers.append(reader)
+                where = f"{manifest.path}: part {part['name']}"
+                if (
+                    not reader.is_part
+                    or reader.part != (index, count)
+                    or reader.step != manifest.step
+                    or (reader.epoch, reader.batch)
+                    != (manifest.epoch, manifest.batch)
+                    or reader.file_size != part["size"]
+                ):
+                    raise CheckpointCorruptError(
+                        where, "it is not the part the manifest names (other "
+                        "step, position or size)"
+                    )
+        except FileNotFoundError as e:
+            self.close()
+            raise CheckpointCorruptError(
+                manifest.path, f"a part it names is missing: {e}"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def saved(self) -> dict[str, _Saved]:
+        saved: dict[str, _Saved] = {}
+        for reader in self.readers:
+            for entry in reader.entries:
+                saved.setdefault(entry.variable, _Saved()).pieces.append(
+                    (reader, entry)
+                )
+        return saved
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+        self.readers = []
+
+
+def _wanted(variable: Any) -> tuple[Any, list[Region]] | None:
+    """The JAX sharding and regions this process holds of `variable`.
+
+    `None` where the variable takes a whole host array (every other
+    backend, and a single JAX process: Keras places the array itself).
+    """
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    if jax.process_count() == 1:
+        return None
+    sharding = variable.value.sharding
+    shape = tuple(int(d) for d in variable.shape)
+    regions: list[Region] = []
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        region = _region_of(index, shape)
+        if region not in regions:
+            regions.append(region)
+    return sharding, regions
+
+
+def _region_of(index: tuple[Any, ...], shape: tuple[int, ...]) -> Region:
+    start, size = [], []
+    for dim, n in enumerate(shape):
+        sl = index[dim] if dim < len(index) else slice(None)
+        lo, hi, _ = sl.indices(n)
+        start.append(lo)
+        size.append(hi - lo)
+    return tuple(start), tuple(size)
+
+
+class _Prepared:
+    """Every value to assign, verified; assigned only by `assign`."""
+
+    def __init__(self, plan: list[tuple[Any, _Saved]]) -> None:
+        self.values: list[tuple[Any, Any, dict[Region, np.ndarray]]] = []
+        for variable, saved in plan:
+            dtype = host_dtype(variable)
+            wanted = _wanted(variable)
+            if wanted is None:
+                shape = tuple(int(d) for d in variable.shape)
+                whole = ((0,) * len(shape), shape)
+                self.values.append(
+                    (variable, None, {whole: saved.region(whole, dtype)})
+                )
+            else:
+                sharding, regions = wanted
+                self.values.append((variable, sharding, {
+                    r: np.array(saved.region(r, dtype)) for r in regions
+                }))
+                # This process's pieces are copies: the mapped shards can go.
+                saved.drop_views()
+
+    def assign(self) -> None:
+        # JAX may alias a host array instead of copying it; the mapped file
+        # is closed after this, so JAX gets its own copy of every mapped
+        # (read-only) view. Decoded tensors are private arrays already.
+        copy = keras.backend.backend() == "jax"
+        while self.values:
+            variable, sharding, pieces = self.values.pop(0)
+            if sharding is None:
+                [value] = pieces.values()
+                if copy and not value.flags.writeable:
+                    value = np.array(value)
+                variable.assign(value)
+                continue
+            import jax
+
+            shape = tuple(int(d) for d in variable.shape)
+            variable.assign(jax.make_array_from_callback(
+                shape, sharding, lambda index: pieces[_region_of(index, shape)]
+            ))
+
+
+def _prepare(
+    store: storage.Store, reader: CheckpointReader, model: keras.Model
+) -> tuple[_Prepared, _Parts | None]:
+    """Matches and verifies a checkpoint; nothing is assigned yet."""
+    if not reader.is_manifest:
+        return _Prepared(_match(reader.path, _whole(reader), model)), None
+    parts = _Parts(store, reader)
+    try:
+        return _Prepared(_match(reader.path, parts.saved(), model)), parts
+    except BaseException:
+        parts.close()
+        raise
 
 
 def read_state(
-    reader: CheckpointReader, model: keras.Model
+    reader: CheckpointReader, model: keras.Model,
+    store: storage.Store | None = None,
 ) -> list[tuple[Any, np.ndarray]]:
-    """Reads and verifies every tensor of `reader` for `model`.
+    """Reads and verifies every variable of a checkpoint for `model`.
 
     Holds a private copy of the whole state; `restore_latest` assigns
     from a read-only mapping of the file instead.
@@ -94,33 +348,46 @@ def read_state(
     Args:
         reader: an opened checkpoint.
         model: the model the state is for; its optimizer must be built.
+        store: the store the checkpoint is in, which holds the parts a
+            manifest names. Needed for a multi-process checkpoint only.
 
     Returns:
-        `(variable, value)` pairs covering every variable of the model.
+        `(variable, value)` pairs covering every variable of the model,
+        each value the whole array.
 
     Raises:
         CheckpointMismatchError: naming the first variable that differs.
         CheckpointCorruptError: a tensor fails its checksum.
     """
-    values = []
-    for variable, entry in match_state(reader, model):
-        out = np.empty(entry.shape, dtype=entry.np_dtype)
-        reader.read_tensor(entry, out)
-        values.append((variable, out))
-    return values
-
-
-def _assign(plan: list[tuple[Any, TensorEntry]], values: list[np.ndarray]) -> None:
-    # JAX may alias a host array instead of copying it; the mapped file is
-    # closed after this, so JAX gets its own copy of every mapped (read-only)
-    # view. Decoded tensors are private arrays already.
-    copy = keras.backend.backend() == "jax"
-    for (variable, _), value in zip(plan, values):
-        variable.assign(np.array(value) if copy and not value.flags.writeable else value)
+    parts = None
+    if reader.is_manifest:
+        if store is None:
+            raise ValueError(
+                f"{reader.path} is the manifest of a multi-process "
+                "checkpoint: reading it needs the store of its parts"
+            )
+        parts = _Parts(store, reader)
+        saved = parts.saved()
+    else:
+        saved = _whole(reader)
+    try:
+        values = []
+        for variable, found in _match(reader.path, saved, model):
+            shape = tuple(int(d) for d in variable.shape)
+            value = found.region(((0,) * len(shape), shape), host_dtype(variable))
+            values.append((variable, np.array(value)))
+            found.drop_views()
+        return values
+    finally:
+        if parts is not None:
+            parts.close()
 
 
 def restore_latest(
-    directory: str | storage.Store, model: keras.Model, fall_back: bool
+    directory: str | storage.Store,
+    model: keras.Model,
+    fall_back: bool,
+    agree: Callable[[bool], bool] | None = None,
 ) -> CheckpointReader | None:
     """Restores the newest valid checkpoint of `directory` into `model`.
 
@@ -130,6 +397,10 @@ def restore_latest(
         model: a built model whose optimizer is built.
         fall_back: when the newest checkpoint is damaged, restore the
             previous one (`double_checkpoint=True`) instead of raising.
+        agree: in a multi-process job, tells every process whether this one
+            verified the candidate and returns whether all did, so that
+            every process restores the same checkpoint. Defaults to `None`
+            (one process).
 
     Returns:
         The reader of the checkpoint restored (closed), or `None` when the
@@ -146,18 +417,34 @@ def restore_latest(
         candidates = candidates[:1]
     first_error: CheckpointCorruptError | None = None
     for _, path in candidates:
+        error: CheckpointCorruptError | None = None
+        reader = prepared = parts = None
         try:
-            with store.open_checkpoint(path) as reader:
-                plan = match_state(reader, model)
+            try:
+                reader = store.open_checkpoint(path)
                 # Every checksum is verified before the model is touched.
-                # The values are views of the mapped file: it is read once,
-                # and no second copy of the state is allocated.
-                values = [reader.verified_view(entry) for _, entry in plan]
-                _assign(plan, values)
-                del values
-        except CheckpointCorruptError as e:
-            log.warning("%s", e)
-            first_error = first_error or e
+                # Whole values are views of the mapped file: it is read
+                # once, and no second copy of the state is allocated.
+                prepared, parts = _prepare(store, reader, model)
+            except CheckpointCorruptError as e:
+                log.warning("%s", e)
+                error = e
+            everyone = agree(error is None) if agree is not None else error is None
+            if everyone:
+                prepared.assign()  # type: ignore[union-attr]
+            elif error is None:
+                error = CheckpointCorruptError(
+                    path, "another process of the job could not verify it"
+                )
+                log.warning("%s", error)
+        finally:
+            prepared = None
+            if parts is not None:
+                parts.close()
+            if reader is not None:
+                reader.close()
+        if error is not None:
+            first_error = first_error or error
             continue
         if first_error is not None:
             log.warning(

@@ -29,7 +29,7 @@ import logging
 import mmap
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -114,16 +114,21 @@ class TensorSpec:
     """Identity of one saved variable.
 
     Attributes:
-        name: stable key, "<group>.<index>" (e.g. "optimizer.3").
+        name: stable key, "<group>.<index>" (e.g. "optimizer.3"); a shard
+            adds ":<ordinal>" ("model.2:1").
         path: the Keras variable path, for messages.
         dtype: numpy dtype of the host copy.
-        shape: shape of the variable.
+        shape: shape of the variable (of the shard, for a shard).
+        global_shape: for a shard, the variable's shape; else `None`.
+        start: for a shard, its start in the variable; else `None`.
     """
 
     name: str
     path: str
     dtype: np.dtype
     shape: tuple[int, ...]
+    global_shape: tuple[int, ...] | None = None
+    start: tuple[int, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -144,6 +149,9 @@ class HostSnapshot:
         batch: the last batch index seen in that epoch.
         metadata: extra msgpack-serialisable values saved with the state.
         taken_at: `time.time()` when the copy was taken.
+        part: `(process index, process count)` when this is one process's
+            part of a multi-process checkpoint (its arrays are shards);
+            `None` for a whole checkpoint.
     """
 
     specs: list[TensorSpec]
@@ -153,6 +161,7 @@ class HostSnapshot:
     batch: int = 0
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     taken_at: float = 0.0
+    part: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -276,13 +285,85 @@ def _backend_reader() -> Callable[[Any], np.ndarray]:
     }.get(keras.backend.backend(), _read_jax)
 
 
-def _spec(name: str, variable: Any, host: np.ndarray) -> TensorSpec:
+def _spec_of(name: str, variable: Any) -> TensorSpec:
     return TensorSpec(
         name=name,
         path=str(getattr(variable, "path", name)),
-        dtype=host.dtype,
-        shape=tuple(int(d) for d in host.shape),
+        dtype=host_dtype(variable),
+        shape=tuple(int(d) for d in variable.shape),
     )
+
+
+class _Piece(NamedTuple):
+    """One array a snapshot copies: a variable, or one shard of it."""
+
+    variable: Any
+    read: Callable[[Any], np.ndarray]
+    spec: TensorSpec
+
+
+def process_part() -> tuple[int, int] | None:
+    """`(process index, process count)` in a multi-process JAX job, else None.
+
+    Only there does a process address part of the state, so only there is
+    a snapshot a part (`format.FLAG_PART`).
+    """
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    count = jax.process_count()
+    return (jax.process_index(), count) if count > 1 else None
+
+
+def _shard_pieces(name: str, variable: Any, process: int) -> list[_Piece]:
+    """The shards of `variable` that this process writes.
+
+    Of each distinct shard exactly one copy is written in the whole job:
+    the one with `replica_id == 0` (the rule of Orbax and torch DCP), on
+    whichever process addresses it. An array that lives on this process's
+    devices only (not a global array) is the same in every process: process
+    0 writes it.
+    """
+    value = variable.value
+    path = str(getattr(variable, "path", name))
+    dtype = host_dtype(variable)
+    global_shape = tuple(int(d) for d in variable.shape)
+    if not hasattr(value, "addressable_shards") or value.is_fully_addressable:
+        if process != 0:
+            return []
+        spec = TensorSpec(f"{name}:0", path, dtype, global_shape, global_shape,
+                          (0,) * len(global_shape))
+        return [_Piece(variable, _read_jax, spec)]
+    shards = sorted(
+        (s for s in value.addressable_shards if s.replica_id == 0),
+        key=lambda s: s.device.id,
+    )
+    pieces = []
+    for ordinal, shard in enumerate(shards):
+        start = tuple(
+            int(sl.start or 0) for sl in shard.index
+        ) + (0,) * (len(global_shape) - len(shard.index))
+        shape = tuple(int(d) for d in shard.data.shape)
+        spec = TensorSpec(f"{name}:{ordinal}", path, dtype, shape,
+                          global_shape, start)
+        pieces.append(_Piece(variable, _shard_reader(shard.device), spec))
+    return pieces
+
+
+def _shard_reader(device: Any) -> Callable[[Any], np.ndarray]:
+    """Reads the `replica_id == 0` shard on `device` of a variable."""
+
+    def read(variable: Any) -> np.ndarray:
+        for shard in variable.value.addressable_shards:
+            if shard.device == device and shard.replica_id == 0:
+                return np.asarray(shard.data)
+        raise RuntimeError(
+            f"variable {getattr(variable, 'path', variable)} has no shard on "
+            f"{device} any more: its sharding changed during training"
+        )
+
+    return read
 
 
 class Snapshotter:
@@ -296,10 +377,15 @@ class Snapshotter:
         self.model = model
         self._read = _backend_reader()
         self._variables: list[tuple[str, Any]] | None = None
+        self._pieces: list[_Piece] | None = None
+        # `(index, count)` of this process in a multi-process JAX job, whose
+        # snapshots are parts holding this process's shards only.
+        self.part = process_part()
 
     def refresh(self) -> None:
         """Re-collects the variables (the optimizer may have been built)."""
         self._variables = None
+        self._pieces = None
 
     def variables(self) -> list[tuple[str, Any]]:
         """Returns the `(name, variable)` pairs this snapshotter copies."""
@@ -316,17 +402,29 @@ class Snapshotter:
             self._variables = variables
         return variables
 
+    def _pieces_now(self) -> list[_Piece]:
+        """What one snapshot copies: a whole variable, or one shard of it."""
+        if self._pieces is not None:
+            return self._pieces
+        variables = self.variables()
+        if self.part is None:
+            pieces = [
+                _Piece(variable, self._read, _spec_of(name, variable))
+                for name, variable in variables
+            ]
+        else:
+            pieces = [
+                piece
+                for name, variable in variables
+                for piece in _shard_pieces(name, variable, self.part[0])
+            ]
+        if self._variables is not None:
+            self._pieces = pieces
+        return pieces
+
     def layout(self) -> list[TensorSpec]:
         """The specs a snapshot will have, read without copying any value."""
-        return [
-            TensorSpec(
-                name=name,
-                path=str(getattr(variable, "path", name)),
-                dtype=host_dtype(variable),
-                shape=tuple(int(d) for d in variable.shape),
-            )
-            for name, variable in self.variables()
-        ]
+        return [piece.spec for piece in self._pieces_now()]
 
     def _sync_backend_state(self) -> None:
         # The JAX trainer keeps the live state outside the Keras variables
@@ -379,7 +477,7 @@ class Snapshotter:
             copy.
         """
         self._sync_backend_state()
-        variables = self.variables()
+        pieces = self._pieces_now()
         old = (
             {s.name: a for s, a in zip(into.specs, into.arrays)} if into else {}
         )
@@ -392,10 +490,11 @@ class Snapshotter:
         arrays: list[np.ndarray] = []
         regions: list[np.ndarray | None] = []
         deferred = DeferredCopy()
-        for name, variable in variables:
+        for piece in pieces:
+            name, variable = piece.spec.name, piece.variable
             buf = old.get(name)
             region = old_regions.get(name)
-            view = self._read(variable)
+            view = piece.read(variable)
             if buf is None or buf.shape != view.shape or buf.dtype != view.dtype:
                 # A new shape (rare: a rebuilt layer) gets a mapping of its
                 # own, aligned like the others, so it stays zero-copy.
@@ -408,9 +507,11 @@ class Snapshotter:
             del view
             arrays.append(buf)
             regions.append(region)
-            specs.append(_spec(name, variable, buf))
+            specs.append(dataclasses.replace(
+                piece.spec, dtype=buf.dtype, shape=tuple(buf.shape)))
         snap = into if into is not None else HostSnapshot(specs, arrays)
         snap.specs, snap.arrays, snap.regions = specs, arrays, regions
+        snap.part = self.part
         snap.epoch, snap.batch = int(epoch), int(batch)
         snap.metadata = {}
         snap.taken_at = time.time()

@@ -37,6 +37,8 @@ from fastbackup.format import CheckpointReader, EncodedCheckpoint
 log = logging.getLogger("fastbackup")
 
 _CHECKPOINT_RE = re.compile(r"^ckpt-([0-9]{12})\.fbk$")
+# One process's part of a multi-process checkpoint (`fastbackup.parts`).
+PART_RE = re.compile(r"^ckpt-([0-9]{12})\.part-([0-9]{5})-of-([0-9]{5})\.fbk$")
 # The model's config, stored once per fit for `export` (`model_config`).
 MODEL_CONFIG_NAME = "model-config.json"
 # Temporary files of checkpoints and of `write_object`'s small objects.
@@ -55,6 +57,17 @@ MAX_OBJECT_BYTES = 64 << 20
 def checkpoint_name(step: int) -> str:
     """File name of the checkpoint with sequence number `step`."""
     return f"ckpt-{step:012d}.fbk"
+
+
+def part_name(step: int, index: int, count: int) -> str:
+    """File name of process `index`'s part of checkpoint `step`."""
+    return f"ckpt-{step:012d}.part-{index:05d}-of-{count:05d}.fbk"
+
+
+def part_step(name: str) -> int | None:
+    """The step of a part's file name, or `None` if not a part's name."""
+    m = PART_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +151,21 @@ def commit(
     cancel: threading.Event | None = None,
     direct: bool = False,
 ) -> CommitResult:
-    """Writes one checkpoint durably and atomically.
+    """Writes one checkpoint durably and atomically (see `write_file`)."""
+    return write_file(directory, checkpoint_name(step), step, encoded, sync,
+                      cancel, direct)
+
+
+def write_file(
+    directory: str,
+    name: str,
+    step: int,
+    encoded: EncodedCheckpoint,
+    sync: bool,
+    cancel: threading.Event | None = None,
+    direct: bool = False,
+) -> CommitResult:
+    """Writes one checkpoint file durably and atomically, as `name`.
 
     The payload is streamed from the snapshot's buffers with its checksums
     computed in the same pass; the header and footer follow; then the
@@ -147,6 +174,7 @@ def commit(
 
     Args:
         directory: the backup directory.
+        name: the file's name.
         step: the checkpoint's sequence number.
         encoded: the checkpoint to write.
         sync: fsync the file and the directory.
@@ -165,7 +193,6 @@ def commit(
             and any previous checkpoint is untouched.
         WriteCancelled: `cancel` was set before the rename.
     """
-    name = checkpoint_name(step)
     start = time.perf_counter()
     with native.AtomicFile(directory, name, sync=sync, direct=direct) as f:
         crcs: list[int] = []
@@ -438,6 +465,38 @@ class Store(abc.ABC):
     def read_object(self, name: str) -> bytes | None:
         """Reads a small object stored by `write_object`; `None` if absent."""
 
+    # Parts of multi-process checkpoints (`fastbackup.parts`): files named
+    # `part_name(...)`, never listed as checkpoints; a manifest committed
+    # with `commit` makes them one.
+
+    @abc.abstractmethod
+    def write_part(
+        self,
+        name: str,
+        step: int,
+        encoded: EncodedCheckpoint,
+        sync: bool,
+        cancel: threading.Event | None = None,
+        direct: bool = False,
+    ) -> CommitResult:
+        """Stores one process's part durably and atomically, as `name`.
+
+        Same guarantees and errors as `commit`, but nothing is committed:
+        the part counts only once a manifest naming it is.
+        """
+
+    @abc.abstractmethod
+    def open_part(self, name: str) -> CheckpointReader:
+        """Opens the part `name` for reading (see `open_checkpoint`)."""
+
+    @abc.abstractmethod
+    def list_parts(self) -> list[str]:
+        """Names of every part file, committed or not."""
+
+    @abc.abstractmethod
+    def remove_parts(self, names: list[str]) -> None:
+        """Deletes the parts `names` (missing ones are ignored)."""
+
 
 def check_object_name(name: str) -> str:
     """Validates the name of a `Store.write_object` object."""
@@ -537,6 +596,46 @@ class LocalStore(Store):
                 "fastbackup wrote"
             )
         return data
+
+    def write_part(
+        self,
+        name: str,
+        step: int,
+        encoded: EncodedCheckpoint,
+        sync: bool,
+        cancel: threading.Event | None = None,
+        direct: bool = False,
+    ) -> CommitResult:
+        return write_file(self.directory, check_part_name(name), step,
+                          encoded, sync, cancel, direct)
+
+    def open_part(self, name: str) -> CheckpointReader:
+        return CheckpointReader(
+            os.path.join(self.directory, check_part_name(name))
+        )
+
+    def list_parts(self) -> list[str]:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if PART_RE.match(n))
+
+    def remove_parts(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                os.unlink(os.path.join(self.directory, check_part_name(name)))
+            except FileNotFoundError:
+                pass
+
+
+def check_part_name(name: str) -> str:
+    if not PART_RE.match(name):
+        raise ValueError(
+            "Invalid part name: expected ckpt-<12 digits>.part-<5 digits>-of-"
+            f"<5 digits>.fbk. Received: name={name!r}"
+        )
+    return name
 
 
 # `scheme:/...`: anything that looks like a URL is one, and is refused unless

@@ -1,63 +1,495 @@
-"""Subprocess side of tests/test_sharding.py: one process of a 2-process JAX job.
+"""Subprocess side of tests/test_sharding.py: one process of a JAX job.
 
-    python tests/multiprocess_worker.py WORKDIR PROCESS_ID COORDINATOR_PORT
+    python tests/multiprocess_worker.py SCENARIO WORKDIR PROCESS_ID PORT
 
 Two processes x 2 CPU devices on 127.0.0.1, joined by
-`jax.distributed.initialize`, train a model sharded on a (1, 4) mesh whose
-model axis crosses the processes. Prints one JSON line prefixed "RESULT "
-saying how `fit` with fastbackup ended in this process.
+`jax.distributed.initialize`, train a small model with `keras.distribution`
+(`model`: a (1, 4) mesh whose Dense kernels are sharded on the model axis,
+which crosses the processes; `data`: `DataParallel` over the 4 devices, each
+process feeding its half of each batch). Scenarios:
+
+- `model`: interrupted mid-epoch, resumed bitwise; then the backup restored
+  onto a (2, 2) mesh and onto `DataParallel`; a failing part write (warned);
+  a second job refused by the lock.
+- `data`: SIGTERM to process 1 only; both stop at the same step, resume
+  bitwise. WORKDIR may be an `s3://` URL: the backup is then there.
+- `kill`: process 1 is killed with SIGKILL in the middle of writing its part
+  of the fourth checkpoint.
+- `after-kill`: the next run of the `kill` job restores the last committed
+  checkpoint, which must equal the uninterrupted run's state at its step.
+- `single`: (PROCESS_ID and PORT ignored) one process with 4 devices, then
+  one device, restore the `model` scenario's backup.
+
+Prints one JSON line prefixed "RESULT ".
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import signal
 import sys
 
+SCENARIO = sys.argv[1]
 os.environ["KERAS_BACKEND"] = "jax"
-os.environ["JAX_NUM_CPU_DEVICES"] = "2"
+os.environ["JAX_NUM_CPU_DEVICES"] = "4" if SCENARIO == "single" else "2"
+os.environ["FASTBACKUP_PEER_TIMEOUT_SECONDS"] = "30"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+EPOCHS = 3
+BATCH = 16
 
-def main(workdir: str, process_id: int, port: int) -> dict:
-    jax.distributed.initialize(
-        f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-        initialization_timeout=60,
-    )
+
+def distribution_for(kind: str, shape: tuple[int, int] = (1, 4)):
+    from keras import distribution
+
+    if kind == "data":
+        dist = distribution.DataParallel(devices=jax.devices())
+    else:
+        mesh = distribution.DeviceMesh(shape, ["batch", "model"], jax.devices())
+        layout = distribution.LayoutMap(mesh)
+        layout[".*dense.*kernel"] = (None, "model")
+        layout[".*dense.*bias"] = ("model",)
+        dist = distribution.ModelParallel(layout_map=layout,
+                                          batch_dim_name="batch")
+    dist.auto_shard_dataset = False
+    return dist
+
+
+def make_model():
+    import keras
+
+    keras.utils.set_random_seed(5)  # the same initial values everywhere
+    model = keras.Sequential([
+        keras.layers.Input((8,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dropout(0.2, seed=3),
+        keras.layers.Dense(4),
+    ])
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    return model
+
+
+def data(kind: str):
+    """This process's input: its half of each batch under DataParallel."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 8)).astype("float32")
+    y = x[:, :4] * 2
+    if kind == "data" and jax.process_count() > 1:
+        # Each global batch of 16 rows: 8 from each process.
+        i = jax.process_index()
+        rows = np.arange(128).reshape(-1, 2, 8)[:, i].reshape(-1)
+        return x[rows], y[rows]
+    return x, y
+
+
+def fit_args(kind: str) -> dict:
+    per_process = BATCH // 2 if kind == "data" and jax.process_count() > 1 else BATCH
+    return dict(epochs=EPOCHS, batch_size=per_process, shuffle=False, verbose=0)
+
+
+def local_state(model, metrics: bool = False) -> list[bytes]:
+    """This process's shards of every variable, as bytes."""
+    import numpy as np
+
+    from fastbackup.snapshot import collect_variables
+
+    out = []
+    for name, v in collect_variables(model):
+        if name.startswith("metrics.") and not metrics:
+            continue
+        for shard in sorted(v.value.addressable_shards, key=lambda s: s.device.id):
+            out.append(np.asarray(shard.data).tobytes())
+    return out
+
+
+def digest(model) -> str:
+    return hashlib.sha256(b"".join(local_state(model))).hexdigest()
+
+
+def global_state(model) -> list:
+    """Every variable's global value (gathered over the processes)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from fastbackup.snapshot import collect_variables
+
+    out = []
+    for _, v in collect_variables(model):
+        value = v.value
+        if jax.process_count() > 1 and not value.is_fully_addressable:
+            value = multihost_utils.process_allgather(value, tiled=True)
+        out.append(np.asarray(value))
+    return out
+
+
+def spec(model) -> str:
+    sharding = model.layers[0].kernel.value.sharding
+    return str(getattr(sharding, "spec", type(sharding).__name__))
+
+
+def digests_by_batch():
+    """A callback recording the state's digest after every batch."""
+    import keras
+
+    class Record(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+            self.seen: dict[str, str] = {}
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen[f"{self.epoch},{batch}"] = digest(self.model)
+
+    return Record()
+
+
+def parts_of(backup: str) -> dict:
+    """What the committed checkpoint's parts hold (read from the files)."""
+    from fastbackup import format as fmt
+    from fastbackup import storage
+
+    store = storage.LocalStore(backup)
+    [(step, path)] = store.list_checkpoints()
+    with fmt.CheckpointReader(path) as manifest:
+        names = [p["name"] for p in manifest.parts]
+    raw = []
+    for name in names:
+        with store.open_part(name) as part:
+            raw.append(sum(e.raw_size for e in part.entries))
+    return {"step": step, "parts": names, "raw_bytes": raw,
+            "files": sorted(os.listdir(backup))}
+
+
+def scenario_model(workdir: str) -> dict:
     import keras
     import numpy as np
     from keras import distribution
 
     import fastbackup
+    from tests.conftest import InterruptAt
 
-    mesh = distribution.DeviceMesh((1, 4), ["batch", "model"], jax.devices())
-    layout = distribution.LayoutMap(mesh)
-    layout[".*dense.*kernel"] = (None, "model")
-    dist = distribution.ModelParallel(layout_map=layout,
-                                      batch_dim_name="batch")
-    dist.auto_shard_dataset = False
-    distribution.set_distribution(dist)
-    keras.utils.set_random_seed(0)  # the same initial values everywhere
-    model = keras.Sequential([keras.layers.Input((8,)),
-                              keras.layers.Dense(8), keras.layers.Dense(4)])
-    model.compile(optimizer="adam", loss="mse")
-    x = np.ones((16, 8), "float32")
-    y = np.ones((16, 4), "float32")
+    backup = os.path.join(workdir, "backup")
+    kind = "model"
+    x, y = data(kind)
+    fit = fit_args(kind)
+    distribution.set_distribution(distribution_for(kind))
+    reference = make_model()
+    reference.fit(x, y, **fit)
+
+    interrupted = make_model()
     try:
-        model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[
-            fastbackup.BackupAndRestore(os.path.join(workdir, "backup"),
-                                        save_freq=1)])
-    except NotImplementedError as e:
-        return {"fit": "refused", "error": str(e),
-                "processes": jax.process_count()}
-    return {"fit": "ok", "processes": jax.process_count()}
+        interrupted.fit(x, y, **fit, callbacks=[
+            fastbackup.BackupAndRestore(backup, save_freq=3),
+            InterruptAt(1, 4)])
+    except RuntimeError:
+        pass
+    resumed = make_model()
+    cb = fastbackup.BackupAndRestore(backup, save_freq=3,
+                                     resume_mid_epoch=True,
+                                     delete_checkpoint=False)
+    resumed.fit(x, y, **fit, callbacks=[cb])
+    result: dict = {
+        "processes": jax.process_count(),
+        "sharded": not resumed.layers[0].kernel.value.is_fully_addressable,
+        "restored_from": list(cb.restored_from),
+        "resume_equals_uninterrupted": (
+            local_state(resumed) == local_state(reference)),
+        "bytes_written": cb.stats.bytes_written,
+        "state_bytes": int(sum(
+            np.prod(v.shape) * np.dtype(v.dtype).itemsize
+            for v in resumed.variables + resumed.optimizer.variables
+            + resumed.metrics_variables)),
+        "backup": parts_of(backup),
+    }
+    expected = global_state(resumed)
+    if jax.process_index() == 0:
+        np.savez(os.path.join(workdir, "expected.npz"), *expected)
+
+    # The backup onto other layouts of the same two processes. `fit` with
+    # epochs=1, below the restored epoch, restores and trains nothing.
+    for name, layout in (("model_parallel_2x2", distribution_for(kind, (2, 2))),
+                         ("data_parallel", distribution_for("data"))):
+        distribution.set_distribution(layout)
+        target = make_model()
+        target.build((None, 8))
+        restore = fastbackup.BackupAndRestore(backup, save_freq=3,
+                                              delete_checkpoint=False)
+        target.fit(x, y, **{**fit, "epochs": 1}, callbacks=[restore])
+        got = global_state(target)
+        result[name] = {
+            "equal": len(got) == len(expected) and all(
+                a.dtype == b.dtype and a.tobytes() == b.tobytes()
+                for a, b in zip(got, expected)),
+            "kernel_spec": spec(target),
+        }
+    distribution.set_distribution(distribution_for(kind))
+
+    # A part write that fails in process 1 only: with FASTBACKUP_ON_ERROR=
+    # warn both processes are told and train on; the checkpoint is not
+    # committed, the one before it stays.
+    result["failure"] = failing_part(workdir, x, y, fit)
+
+    # A second job on a backup this one's lock holds: refused everywhere.
+    locked = os.path.join(workdir, "locked")
+    os.makedirs(locked, exist_ok=True)
+    fd = None
+    if jax.process_index() == 0:
+        fd = os.open(os.path.join(locked, ".fastbackup.lock"),
+                     os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        make_model().fit(x, y, **fit, callbacks=[
+            fastbackup.BackupAndRestore(locked, save_freq=3)])
+        result["locked"] = "not refused"
+    except fastbackup.BackupDirLockedError as e:
+        result["locked"] = str(e)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return result
+
+
+def failing_part(workdir: str, x, y, fit) -> dict:
+    import errno
+
+    import fastbackup
+    from fastbackup import storage
+
+    backup = os.path.join(workdir, "failing")
+    real = storage.write_file
+    writes = [0]
+
+    def write_file(directory, name, *args, **kwargs):
+        writes[0] += 1
+        if jax.process_index() == 1 and writes[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)",
+                          os.path.join(directory, name))
+        return real(directory, name, *args, **kwargs)
+
+    warnings: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("fastbackup").addHandler(handler)
+    os.environ["FASTBACKUP_ON_ERROR"] = "warn"
+    storage.write_file = write_file
+    try:
+        cb = fastbackup.BackupAndRestore(backup, save_freq=1,
+                                         delete_checkpoint=False)
+        model = make_model()
+        model.fit(x, y, **{**fit, "epochs": 1}, callbacks=[cb])
+    finally:
+        storage.write_file = real
+        del os.environ["FASTBACKUP_ON_ERROR"]
+        logging.getLogger("fastbackup").removeHandler(handler)
+    return {
+        "warnings": [w for w in warnings if "checkpoint write failed" in w],
+        "saves": cb.stats.saves,
+        "last_durable": list(cb.stats.last_durable or ()),
+        "committed": [s for s, _ in storage.LocalStore(backup).list_checkpoints()],
+    }
+
+
+def scenario_data(workdir: str) -> dict:
+    import keras
+    from keras import distribution
+
+    import fastbackup
+    from fastbackup import storage
+
+    # A bucket's URL (s3://...) is the backup itself.
+    backup = workdir if "://" in workdir else os.path.join(workdir, "backup")
+    kind = "data"
+    x, y = data(kind)
+    fit = fit_args(kind)
+    distribution.set_distribution(distribution_for(kind))
+    reference = make_model()
+    reference.fit(x, y, **fit)
+
+    class Preempt(keras.callbacks.Callback):
+        """SIGTERM to process 1 only, after batch 2 of epoch 1."""
+
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if jax.process_index() == 1 and (self.epoch, batch) == (1, 2):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = make_model()
+    cb = fastbackup.BackupAndRestore(backup, save_freq=100,
+                                     handle_sigterm=True)
+    position = digests_by_batch()
+    stopped.fit(x, y, **fit, callbacks=[Preempt(), cb, position])
+    saved = cb.stats.last_durable
+    resumed = make_model()
+    again = fastbackup.BackupAndRestore(backup, save_freq=100,
+                                        handle_sigterm=True,
+                                        resume_mid_epoch=True)
+    resumed.fit(x, y, **fit, callbacks=[again])
+    return {
+        "processes": jax.process_count(),
+        "stop_training": bool(stopped.stop_training),
+        "last_batch_trained": max(position.seen, key=lambda k: tuple(
+            map(int, k.split(",")))),
+        "saved": list(saved or ()),
+        "restored_from": list(again.restored_from or ()),
+        "resume_equals_uninterrupted": (
+            local_state(resumed) == local_state(reference)),
+        "backup_deleted": not storage.open_store(backup).exists(),
+    }
+
+
+def scenario_kill(workdir: str) -> dict:
+    import numpy as np
+    from keras import distribution
+
+    import fastbackup
+    from fastbackup import storage
+    from fastbackup._compat import native
+
+    backup = os.path.join(workdir, "backup")
+    kind = "model"
+    x, y = data(kind)
+    distribution.set_distribution(distribution_for(kind))
+    real = storage.write_file
+    writes = [0]
+
+    def write_file(directory, name, step, encoded, *args, **kwargs):
+        writes[0] += 1
+        if jax.process_index() == 1 and writes[0] == 4:
+            # Half of this part is in its temporary file when the process
+            # dies: no rename, no report to the others.
+            f = native.AtomicFile(directory, name, sync=True)
+            f.write(encoded.segments[: len(encoded.segments) // 2])
+            print("KILLING", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(directory, name, step, encoded, *args, **kwargs)
+
+    storage.write_file = write_file
+    cb = fastbackup.BackupAndRestore(backup, save_freq=1)
+    try:
+        make_model().fit(x, y, **fit_args(kind), callbacks=[cb])
+    except Exception as e:  # the survivor: its peer is gone
+        return {"fit": f"{type(e).__name__}: {str(e)[:300]}",
+                "saves": cb.stats.saves}
+    return {"fit": "completed", "saves": cb.stats.saves}
+
+
+def scenario_after_kill(workdir: str) -> dict:
+    import keras
+    from keras import distribution
+
+    import fastbackup
+    from fastbackup import storage
+
+    backup = os.path.join(workdir, "backup")
+    kind = "model"
+    x, y = data(kind)
+    fit = fit_args(kind)
+    distribution.set_distribution(distribution_for(kind))
+    before = sorted(os.listdir(backup))
+    committed = [s for s, _ in storage.LocalStore(backup).list_checkpoints()]
+    reference = make_model()
+    record = digests_by_batch()
+    reference.fit(x, y, **fit, callbacks=[record])
+
+    class AfterRestore(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.digest = digest(self.model)
+            self.files = sorted(os.listdir(backup))
+
+    resumed = make_model()
+    cb = fastbackup.BackupAndRestore(backup, save_freq=1, resume_mid_epoch=True)
+    after = AfterRestore()
+    resumed.fit(x, y, **fit, callbacks=[cb, after])
+    step, epoch, batch = cb.restored_from
+    return {
+        "files_before": before,
+        "committed_before": committed,
+        "restored_from": [step, epoch, batch],
+        "restored_equals_reference_at_its_step": (
+            after.digest == record.seen[f"{epoch},{batch}"]),
+        "files_after_restore": after.files,
+        "resume_equals_uninterrupted": (
+            local_state(resumed) == local_state(reference)),
+    }
+
+
+def scenario_single(workdir: str) -> dict:
+    import numpy as np
+    from keras import distribution
+
+    import fastbackup
+
+    backup = os.path.join(workdir, "backup")
+    with np.load(os.path.join(workdir, "expected.npz")) as f:
+        expected = [f[k] for k in sorted(f.files, key=lambda k: int(k[4:]))]
+    x, y = data("model")
+    result = {}
+    for name, layout in (("model_parallel_4", distribution_for("model")),
+                         ("single_device", None)):
+        distribution.set_distribution(layout)
+        target = make_model()
+        target.build((None, 8))
+        restore = fastbackup.BackupAndRestore(backup, save_freq=3,
+                                              delete_checkpoint=False)
+        target.fit(x, y, epochs=1, batch_size=BATCH, verbose=0,
+                   callbacks=[restore])
+        got = global_state(target)
+        result[name] = {
+            "equal": len(got) == len(expected) and all(
+                a.dtype == b.dtype and a.tobytes() == b.tobytes()
+                for a, b in zip(got, expected)),
+            "kernel_spec": spec(target),
+            "devices": len(target.layers[0].kernel.value.devices()),
+        }
+    return result
+
+
+def main() -> dict:
+    workdir = sys.argv[2]
+    if SCENARIO != "single":
+        jax.distributed.initialize(
+            f"127.0.0.1:{sys.argv[4]}", num_processes=2,
+            process_id=int(sys.argv[3]), initialization_timeout=60,
+        )
+    return {
+        "model": scenario_model,
+        "data": scenario_data,
+        "kill": scenario_kill,
+        "after-kill": scenario_after_kill,
+        "single": scenario_single,
+    }[SCENARIO](workdir)
 
 
 if __name__ == "__main__":
-    result = main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
-    print("RESULT " + json.dumps(result), flush=True)
-    # Skip jax.distributed's shutdown barrier: the test only needs the line.
+    print("RESULT " + json.dumps(main()), flush=True)
+    if SCENARIO not in ("single", "kill"):
+        # Process 0 hosts the coordination service: a process still
+        # running when it exits aborts. `kill` has no peer left to wait for.
+        from jax._src import distributed
+
+        distributed.global_state.client.wait_at_barrier("worker-done", 120_000)
+    # Skip jax.distributed's shutdown: a peer may be gone.
     os._exit(0)

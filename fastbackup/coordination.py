@@ -1,0 +1,220 @@
+"""Agreement between the processes of one job: JAX's coordination service.
+
+A multi-process JAX job (`jax.distributed.initialize`) already runs a
+coordination service with a key-value store and barriers; the processes'
+backups agree through it, never through a protocol of our own. Every wait
+here has a deadline and polls in short slices, so that a cancelled write
+stops within a second and a dead process becomes an error, not a hang.
+
+Keys live under `fastbackup/<backup id>/<fit>/`: the backup id is a hash of
+the backup location, and the fit is a counter that every process advances
+in the same order (they run the same program), so keys of two fits or two
+backups never meet.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from fastbackup.errors import PeerError
+
+log = logging.getLogger("fastbackup")
+
+# Each wait polls the service in slices this long, checking for
+# cancellation and for the deadline in between.
+_SLICE_SECONDS = 0.5
+
+_fits: dict[str, itertools.count[int]] = {}
+_fits_lock = threading.Lock()
+
+
+def job_client() -> tuple[Any, int, int] | None:
+    """`(client, process index, process count)` of a multi-process JAX job.
+
+    Returns:
+        `None` in a single-process job, or on another backend.
+    """
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    if jax.process_count() <= 1:
+        return None
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError(
+            "jax.process_count() is "
+            f"{jax.process_count()} but JAX's distributed client is not "
+            "initialised: call jax.distributed.initialize() (or "
+            "keras.distribution.initialize()) before fit"
+        )
+    return client, jax.process_index(), jax.process_count()
+
+
+class Coordinator:
+    """One fit's view of the coordination service.
+
+    Args:
+        client: JAX's `DistributedRuntimeClient`.
+        index: this process's index.
+        count: number of processes.
+        location: the backup location (names the keys, and the errors).
+        timeout: seconds any wait for another process may take.
+    """
+
+    def __init__(
+        self, client: Any, index: int, count: int, location: str,
+        timeout: float,
+    ) -> None:
+        self.client = client
+        self.index = index
+        self.count = count
+        self.location = location
+        self.timeout = timeout
+        backup = hashlib.sha256(location.encode()).hexdigest()[:16]
+        with _fits_lock:
+            fit = next(_fits.setdefault(backup, itertools.count()))
+        self.namespace = f"fastbackup/{backup}/{fit}"
+
+    @property
+    def is_primary(self) -> bool:
+        """True in process 0, which locks, cleans up and commits."""
+        return self.index == 0
+
+    def _key(self, key: str) -> str:
+        return f"{self.namespace}/{key}"
+
+    def publish(self, key: str, value: Any) -> None:
+        """Sets `key` to `value` (JSON) for every process to read."""
+        self.client.key_value_set(self._key(key), json.dumps(value))
+
+    def peek(self, key: str) -> Any:
+        """The value of `key`, or `None` while it is not set."""
+        try:
+            raw = self.client.key_value_try_get(self._key(key))
+        except Exception as e:  # JaxRuntimeError
+            if "NOT_FOUND" in str(e):
+                return None
+            raise self._error(f"reading {key}: {e}") from None
+        return json.loads(raw)
+
+    def first_wins(self, key: str, value: Any) -> Any:
+        """Sets `key` unless set already; returns the value that won."""
+        try:
+            self.client.key_value_set(self._key(key), json.dumps(value))
+            return value
+        except Exception as e:  # JaxRuntimeError
+            if "ALREADY_EXISTS" not in str(e):
+                raise self._error(f"setting {key}: {e}") from None
+        return self.peek(key)
+
+    def forget(self, key: str) -> None:
+        """Deletes `key` and every key under `key/`."""
+        self.client.key_value_delete(self._key(key))
+
+    def wait(
+        self, key: str, what: str, cancel: threading.Event | None = None,
+        cancelled: type[BaseException] | None = None,
+    ) -> Any:
+        """Waits for another process to publish `key`.
+
+        Args:
+            key: the key.
+            what: what is waited for, for the error ("process 0's commit").
+            cancel: when set, stop waiting and raise `cancelled`.
+            cancelled: the exception raised on cancellation.
+
+        Raises:
+            PeerError: not published in time, or a process died.
+        """
+        deadline = time.monotonic() + self.timeout
+        full = self._key(key)
+        while True:
+            try:
+                raw = self.client.blocking_key_value_get(
+                    full, int(_SLICE_SECONDS * 1000)
+                )
+                return json.loads(raw)
+            except Exception as e:  # JaxRuntimeError: only DEADLINE_EXCEEDED
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise self._error(f"waiting for {what}: {e}") from None
+            self._check(deadline, what, cancel, cancelled)
+
+    def gather(
+        self, key: str, what: str, cancel: threading.Event | None = None,
+        cancelled: type[BaseException] | None = None,
+    ) -> list[Any]:
+        """Waits until every process has published `key/<its index>`.
+
+        Returns:
+            The values, in process order.
+
+        Raises:
+            PeerError: a process did not publish in time, or died.
+        """
+        deadline = time.monotonic() + self.timeout
+        prefix = self._key(key) + "/"
+        while True:
+            try:
+                found = dict(self.client.key_value_dir_get(self._key(key)))
+            except Exception as e:  # JaxRuntimeError
+                raise self._error(f"waiting for {what}: {e}") from None
+            values = [found.get(f"{prefix}{i}") for i in range(self.count)]
+            if all(v is not None for v in values):
+                return [json.loads(v) for v in values]
+            missing = [i for i, v in enumerate(values) if v is None]
+            self._check(deadline, f"{what} of process(es) {missing}", cancel,
+                        cancelled, sleep=True)
+
+    def publish_mine(self, key: str, value: Any) -> None:
+        """Publishes this process's `key/<index>` for `gather`."""
+        self.publish(f"{key}/{self.index}", value)
+
+    def agree(self, key: str, value: Any, what: str) -> list[Any]:
+        """Publishes this process's value and returns everyone's."""
+        self.publish_mine(key, value)
+        return self.gather(key, what)
+
+    def _check(
+        self, deadline: float, what: str, cancel: threading.Event | None,
+        cancelled: type[BaseException] | None, sleep: bool = False,
+    ) -> None:
+        # No liveness probe here: the service's `get_live_nodes` is itself
+        # a barrier of the processes it asks about. A dead process shows as
+        # an error of the service (its heartbeats stop), or as the deadline.
+        if cancel is not None and cancel.is_set():
+            raise (cancelled or InterruptedError)(what)
+        if time.monotonic() > deadline:
+            raise self._error(
+                f"timed out after {self.timeout:g} s waiting for {what} "
+                "(FASTBACKUP_PEER_TIMEOUT_SECONDS)",
+                errno.ETIMEDOUT,
+            )
+        if sleep:
+            time.sleep(_SLICE_SECONDS)
+
+    def _error(self, message: str, code: int = errno.EIO) -> PeerError:
+        return PeerError(
+            code, f"process {self.index} of {self.count}: {message}",
+            self.location,
+        )
+
+
+def coordinator(location: str, timeout: float) -> Coordinator | None:
+    """A `Coordinator` for one fit in a multi-process job, else `None`."""
+    job = job_client()
+    if job is None:
+        return None
+    client, index, count = job
+    return Coordinator(client, index, count, location, timeout)
