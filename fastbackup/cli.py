@@ -136,6 +136,8 @@ class Report:
     raw_bytes: int | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     tensors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # A multi-process checkpoint's part files, in process order.
+    parts: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
@@ -165,6 +167,7 @@ class Report:
                 compression_ratio=self.ratio,
                 extra=self.extra,
                 tensors=self.tensors,
+                parts=self.parts,
             )
         return out
 
@@ -206,33 +209,70 @@ def _examine(store: storage.Store, path: str, verify: bool) -> Report:
             report.created = float(created)
         report.extra = _json_safe(meta.get("extra", {}))
         report.format_version = reader.version
-        report.file_size = reader.file_size
-        report.stored_bytes = sum(e.stored_size for e in reader.entries)
-        report.raw_bytes = sum(e.raw_size for e in reader.entries)
-        report.tensors = [
-            {
-                "name": e.name,
-                "path": e.path,
-                "dtype": e.dtype,
-                "shape": list(e.shape),
-                "codec": e.codec,
-                "stored_size": e.stored_size,
-                "raw_size": e.raw_size,
-                "crc32c": f"{e.crc32c:08x}",
-            }
-            for e in reader.entries
-        ]
-        if not verify:
-            return report
+        report.parts = [p["name"] for p in reader.parts]
+        parts = None
         try:
-            reader.verify()
+            if reader.is_manifest:
+                # The state is in the parts, which the manifest vouches for.
+                from fastbackup import restore
+
+                parts = restore.Parts(store, reader)
+                readers = parts.readers
+            else:
+                readers = [reader]
         except CheckpointCorruptError as e:
             report.status, report.error = "damaged", e.reason
+            return report
         except OSError as e:
             report.status, report.error = "damaged", f"cannot be read: {e}"
-        else:
-            report.status = "ok"
+            return report
+        try:
+            _describe_tensors(report, reader, readers)
+            if verify:
+                _verify(report, readers)
+        finally:
+            if parts is not None:
+                parts.close()
     return report
+
+
+def _describe_tensors(
+    report: Report, reader: CheckpointReader, readers: list[CheckpointReader]
+) -> None:
+    entries = [e for r in readers for e in r.entries]
+    report.file_size = reader.file_size + sum(
+        r.file_size for r in readers if r is not reader)
+    report.stored_bytes = sum(e.stored_size for e in entries)
+    report.raw_bytes = sum(e.raw_size for e in entries)
+    report.tensors = []
+    for e in entries:
+        tensor = {
+            "name": e.name,
+            "path": e.path,
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "codec": e.codec,
+            "stored_size": e.stored_size,
+            "raw_size": e.raw_size,
+            "crc32c": f"{e.crc32c:08x}",
+        }
+        if e.global_shape is not None:
+            tensor["global_shape"] = list(e.global_shape)
+            tensor["start"] = list(e.offsets)
+        report.tensors.append(tensor)
+
+
+def _verify(report: Report, readers: list[CheckpointReader]) -> None:
+    try:
+        for r in readers:
+            r.verify()
+    except CheckpointCorruptError as e:
+        report.status = "damaged"
+        report.error = e.reason if len(readers) == 1 else str(e)
+    except OSError as e:
+        report.status, report.error = "damaged", f"cannot be read: {e}"
+    else:
+        report.status = "ok"
 
 
 # Formatting ------------------------------------------------------------------
@@ -292,8 +332,9 @@ def _print_inspect(r: Report, now: float, out: TextIO) -> None:
     out.write(f"  position:  {_position(r)}\n")
     out.write(f"  created:   {when}\n")
     out.write(f"  checksums: {status}\n")
+    files = f"{len(r.parts) + 1} files" if r.parts else "file"
     out.write(
-        f"  size:      {_size(r.file_size)} file (format version "
+        f"  size:      {_size(r.file_size)} {files} (format version "
         f"{r.format_version}); tensors "
         f"{_size(r.stored_bytes)} stored, {_size(r.raw_bytes)} raw "
         f"(compression ratio {'-' if ratio is None else f'{ratio:.2f}'})\n"
@@ -301,13 +342,20 @@ def _print_inspect(r: Report, now: float, out: TextIO) -> None:
     if r.extra:
         extra = ", ".join(f"{k}={v!r}" for k, v in r.extra.items())
         out.write(f"  metadata:  {extra}\n")
-    out.write(f"  variables: {len(r.tensors)}\n")
+    if r.parts:
+        out.write(f"  parts:     {len(r.parts)} (one per process of a "
+                  f"multi-process job): {', '.join(r.parts)}\n")
+    out.write(f"  variables: {len(r.tensors)}"
+              + (" shards" if r.parts else "") + "\n")
     if r.tensors:
         rows = [["name", "keras path", "dtype", "shape", "codec", "stored",
                  "raw"]]
         for t in r.tensors:
+            shape = str(tuple(t["shape"]))
+            if "global_shape" in t:
+                shape += f" at {tuple(t['start'])} of {tuple(t['global_shape'])}"
             rows.append([
-                t["name"], t["path"], t["dtype"], str(tuple(t["shape"])),
+                t["name"], t["path"], t["dtype"], shape,
                 t["codec"], _size(t["stored_size"]), _size(t["raw_size"]),
             ])
         _table(rows, out, "    ")
@@ -619,7 +667,7 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
                     # header vouches for the stored config.
                     model = _stored_model(target.store, reader)
                 # read_state verifies every tensor's checksum as it reads.
-                values = restore.read_state(reader, model)
+                values = restore.read_state(reader, model, target.store)
                 chosen = (path, reader.step, reader.epoch, reader.batch)
         except FileNotFoundError:
             continue

@@ -200,8 +200,17 @@ def _whole(reader: CheckpointReader) -> dict[str, _Saved]:
     return saved
 
 
-class _Parts:
-    """The parts a manifest names, opened and checked against it."""
+class Parts:
+    """The parts a manifest names, opened and checked against it.
+
+    Args:
+        store: the store holding the parts.
+        manifest: the opened manifest of a multi-process checkpoint.
+
+    Raises:
+        CheckpointCorruptError: a part is missing, damaged, or not the one
+            the manifest committed (another step, position or size).
+    """
 
     def __init__(self, store: storage.Store, manifest: CheckpointReader) -> None:
         self.readers: list[CheckpointReader] = []
@@ -324,11 +333,11 @@ class _Prepared:
 
 def _prepare(
     store: storage.Store, reader: CheckpointReader, model: keras.Model
-) -> tuple[_Prepared, _Parts | None]:
+) -> tuple[_Prepared, Parts | None]:
     """Matches and verifies a checkpoint; nothing is assigned yet."""
     if not reader.is_manifest:
         return _Prepared(_match(reader.path, _whole(reader), model)), None
-    parts = _Parts(store, reader)
+    parts = Parts(store, reader)
     try:
         return _Prepared(_match(reader.path, parts.saved(), model)), parts
     except BaseException:
@@ -366,7 +375,7 @@ def read_state(
                 f"{reader.path} is the manifest of a multi-process "
                 "checkpoint: reading it needs the store of its parts"
             )
-        parts = _Parts(store, reader)
+        parts = Parts(store, reader)
         saved = parts.saved()
     else:
         saved = _whole(reader)

@@ -693,3 +693,72 @@ def test_version_1_backup_inspect_verify_export(backup, capsys, tmp_path,
     code, out, _ = run(capsys, "verify", backup)
     assert code == 1
     assert "DAMAGED  ckpt-000000000001.fbk  checksum mismatch in tensor model.0" in out
+
+
+# Multi-process checkpoints ------------------------------------------------------
+
+
+@pytest.fixture
+def parted(tmp_path):
+    """A checkpoint of two parts (as two processes write it), of a model."""
+    from tests.test_parts import write_parts
+
+    keras.utils.set_random_seed(1234)
+    model = make_model()
+    x, y = make_data()
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    directory = tmp_path / "parted"
+    directory.mkdir()
+    names = write_parts(str(directory), model)
+    return directory, names, model
+
+
+def test_inspect_and_verify_read_every_part(parted, capsys):
+    directory, names, _ = parted
+    code, out, err = run(capsys, "inspect", directory)
+    assert code == 0, err
+    assert "step 4, epoch 1, batch 2" in out
+    assert f"parts:     2 (one per process of a multi-process job): " \
+           f"{names[0]}, {names[1]}" in out
+    assert "ok (every checksum verified)" in out
+    # The first kernel (6 x 8) in two halves, one per part.
+    assert re.search(r"model\.0:0 +\S+ +float32 +\(3, 8\) at \(0, 0\) of \(6, 8\)", out)
+    assert re.search(r"model\.0:0 +\S+ +float32 +\(3, 8\) at \(3, 0\) of \(6, 8\)", out)
+    code, out, err = run(capsys, "inspect", "--json", directory)
+    [checkpoint] = json.loads(out)["checkpoints"]
+    assert checkpoint["parts"] == names
+    assert {"global_shape": [6, 8], "start": [3, 0]}.items() <= next(
+        t for t in checkpoint["tensors"] if t["start"] == [3, 0]).items()
+    code, out, err = run(capsys, "verify", directory)
+    assert code == 0 and "1 checkpoint(s): 1 ok, 0 damaged" in out
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("flip", "checksum mismatch in tensor"),
+    ("remove", "a part it names is missing"),
+])
+def test_verify_finds_a_damaged_or_missing_part(parted, capsys, damage, reason):
+    directory, names, _ = parted
+    part = os.path.join(directory, names[1])
+    if damage == "flip":
+        flip_byte(part, fmt.ALIGNMENT + 8)
+    else:
+        os.unlink(part)
+    code, out, err = run(capsys, "verify", directory)
+    assert code == 1
+    assert "1 checkpoint(s): 0 ok, 1 damaged" in out
+    assert reason in out
+
+
+def test_export_assembles_the_parts(parted, tmp_path, capsys, factory):
+    directory, _, model = parted
+    out_file = tmp_path / "out.weights.h5"
+    code, out, err = run(capsys, "export", directory, out_file,
+                         "--model-factory", f"{factory}:build")
+    assert code == 0, err
+    assert "exported ckpt-000000000004.fbk (step 4, epoch 1, batch 2" in out
+    saved = {name: np.array(v.numpy()) for name, v in collect_variables(model)}
+    for name, path, value in loaded_state(out_file):
+        if name.startswith("metrics.") or "seed_generator" in path:
+            continue
+        assert value.tobytes() == saved[name].tobytes(), name
