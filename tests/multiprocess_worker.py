@@ -486,10 +486,8 @@ def main() -> dict:
 if __name__ == "__main__":
     print("RESULT " + json.dumps(main()), flush=True)
     if SCENARIO not in ("single", "kill"):
-        # Process 0 hosts the coordination service: a process still
-        # running when it exits aborts. `kill` has no peer left to wait for.
-        from jax._src import distributed
-
-        distributed.global_state.client.wait_at_barrier("worker-done", 120_000)
-    # Skip jax.distributed's shutdown: a peer may be gone.
+        # Process 0 hosts the coordination service: its shutdown waits for
+        # the other process, which would abort if the service went first.
+        # `kill` has no peer left to wait for.
+        jax.distributed.shutdown()
     os._exit(0)
