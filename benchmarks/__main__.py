@@ -12,10 +12,13 @@ into `--out`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -62,6 +65,24 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+@contextlib.contextmanager
+def _section(results: dict[str, Any], name: str) -> Iterator[None]:
+    """Records a section's failure and goes on with the next section.
+
+    A full run takes most of an hour: one section failing (a server that
+    stops answering) must not throw away what the others measured.
+    """
+    t0 = time.perf_counter()
+    try:
+        yield
+    except Exception:  # any failure of a section, kept in the results
+        trace = traceback.format_exc()
+        _log(f"section {name} FAILED, the run goes on:\n{trace}")
+        results.setdefault("errors", {})[name] = trace
+    finally:
+        results["section_seconds"][name] = time.perf_counter() - t0
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the selected sections and returns everything measured."""
     from benchmarks import machine, measurements, memory, models
@@ -90,63 +111,68 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         wants = set(args.sections)
         model = None
-        if wants & set("abcds"):
+        if wants & set("abcd") or (args.quick and "s" in wants):
             _log(f"building the {spec.name} model ({spec.parameters / 1e6:.1f} M parameters)")
             model = models.build_model(spec)
             models.warm_up(model, spec)
             results["state_bytes"] = models.state_nbytes(model)
         if wants & set("acd"):
-            t0 = time.perf_counter()
-            _log(f"a/c: single saves, {args.save_rounds} rounds")
-            saves = measurements.measure_saves(model, work_dir, args.save_rounds, _log)
-            results["a_c_saves"] = {k: v for k, v in saves.items() if k != "files"}
-            if "d" in wants:
-                _log(f"d: restore, {args.save_rounds} rounds")
-                results["d_restore"] = measurements.measure_restore(
-                    model, spec, saves["files"], args.save_rounds, _log)
-            results["section_seconds"]["acd"] = time.perf_counter() - t0
+            with _section(results, "acd"):
+                _log(f"a/c: single saves, {args.save_rounds} rounds")
+                saves = measurements.measure_saves(model, work_dir, args.save_rounds, _log)
+                results["a_c_saves"] = {k: v for k, v in saves.items() if k != "files"}
+                if "d" in wants:
+                    _log(f"d: restore, {args.save_rounds} rounds")
+                    results["d_restore"] = measurements.measure_restore(
+                        model, spec, saves["files"], args.save_rounds, _log)
         if "c" in wants:
-            t0 = time.perf_counter()
-            _log(f"c: writer CPU per GB by write path, {args.save_rounds} rounds")
-            results["c_writer_cpu"] = measurements.measure_writer_cpu(
-                model, work_dir, args.save_rounds, _log)
-            results["section_seconds"]["c_cpu"] = time.perf_counter() - t0
+            with _section(results, "c_cpu"):
+                _log(f"c: writer CPU per GB by write path, {args.save_rounds} rounds")
+                results["c_writer_cpu"] = measurements.measure_writer_cpu(
+                    model, work_dir, args.save_rounds, _log)
         if "b" in wants:
-            t0 = time.perf_counter()
-            _log(f"b: training loop, {spec.loop_steps} steps per run, {args.repeats} rounds")
-            results["b_training_loop"] = measurements.measure_training_loop(
-                model, spec, work_dir, args.repeats, (1, 5, "epoch"), _log)
-            results["section_seconds"]["b"] = time.perf_counter() - t0
+            with _section(results, "b"):
+                _log(f"b: training loop, {spec.loop_steps} steps per run, {args.repeats} rounds")
+                results["b_training_loop"] = measurements.measure_training_loop(
+                    model, spec, work_dir, args.repeats, (1, 5, "epoch"), _log)
         if "s" in wants:
             from benchmarks import object_storage
 
-            t0 = time.perf_counter()
-            _log(f"s: object store (moto S3 on 127.0.0.1), {args.save_rounds} "
-                 f"rounds, then {args.repeats} training-loop rounds")
-            results["s_object_store"] = object_storage.measure(
-                model, spec, work_dir, args.save_rounds, args.repeats, _log)
-            results["section_seconds"]["s"] = time.perf_counter() - t0
+            with _section(results, "s"):
+                # On the quick model always: its targets are stated for it,
+                # and a local moto server takes minutes per GB uploaded.
+                s_model = model
+                if spec is not models.QUICK:
+                    model = None  # the full model's memory goes first
+                    s_model = models.build_model(models.QUICK)
+                    models.warm_up(s_model, models.QUICK)
+                _log(f"s: object store (moto S3 on 127.0.0.1), quick model, "
+                     f"{args.save_rounds} rounds, then {args.repeats} "
+                     "training-loop rounds")
+                results["s_object_store"] = object_storage.measure(
+                    s_model, models.QUICK, work_dir, args.save_rounds,
+                    args.repeats, _log)
+                results["s_object_store"]["model"] = models.QUICK.name
+                del s_model
         del model
         if "e" in wants:
-            t0 = time.perf_counter()
-            # Two probes side by side (a full one takes ~4 GB). The in-fit
-            # probes (three more interpreters) are left out of --quick, to
-            # keep it within two minutes on two cores.
-            wanted = [("fastbackup", "saves"), ("keras", "saves")]
-            if not args.quick:
-                wanted += [("none", "fit"), ("fastbackup", "fit"), ("keras", "fit")]
-            probes = memory.run_probes(wanted, spec.name, work_dir, parallel=2, log=_log)
-            results["e_memory"] = probes
-            results.setdefault("state_bytes", probes["fastbackup/saves"]["state_bytes"])
-            results["section_seconds"]["e"] = time.perf_counter() - t0
+            with _section(results, "e"):
+                # Two probes side by side (a full one takes ~4 GB). The in-fit
+                # probes (three more interpreters) are left out of --quick, to
+                # keep it within two minutes on two cores.
+                wanted = [("fastbackup", "saves"), ("keras", "saves")]
+                if not args.quick:
+                    wanted += [("none", "fit"), ("fastbackup", "fit"), ("keras", "fit")]
+                probes = memory.run_probes(wanted, spec.name, work_dir, parallel=2, log=_log)
+                results["e_memory"] = probes
+                results.setdefault("state_bytes", probes["fastbackup/saves"]["state_bytes"])
         if "j" in wants:
             from benchmarks import jax_snapshot
 
-            t0 = time.perf_counter()
-            _log(f"j: JAX snapshot strategies, {args.repeats} rounds (subprocess)")
-            results["j_jax_snapshot"] = jax_snapshot.run_subprocess(
-                args.quick, args.repeats, log=_log)
-            results["section_seconds"]["j"] = time.perf_counter() - t0
+            with _section(results, "j"):
+                _log(f"j: JAX snapshot strategies, {args.repeats} rounds (subprocess)")
+                results["j_jax_snapshot"] = jax_snapshot.run_subprocess(
+                    args.quick, args.repeats, log=_log)
     finally:
         if args.keep:
             _log(f"kept {work_dir}")
@@ -179,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report.verdict_lines(results))
     if results["model"]["name"] != "full":
         print("(targets are stated for the full model; quick-model verdicts only indicate)")
+    for name, trace in results.get("errors", {}).items():
+        print(f"section {name} FAILED: {trace.strip().splitlines()[-1]}")
     print()
     print(f"wrote {json_path} and {png_path} in {results['total_seconds']:.0f} s")
-    return 0
+    return 1 if results.get("errors") else 0
 
 
 if __name__ == "__main__":

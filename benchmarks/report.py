@@ -327,7 +327,8 @@ def object_store_table(so: dict[str, Any]) -> str:
     rows.append(["upload / raw put, restore / raw get (median of per-round ratios)",
                  "-", f"{so.get('upload_vs_raw_paired') or 0:.2f}x, "
                       f"{so.get('restore_vs_raw_paired') or 0:.2f}x"])
-    title = (f"s. object store: moto S3 on 127.0.0.1, {_s(size, 'MB')} object, "
+    title = (f"s. object store ({so.get('model', 'quick')} model): moto S3 on "
+             f"127.0.0.1, {_s(size, 'MB')} object, "
              f"{so['part_bytes'] >> 20} MiB parts x {so['concurrency']}; restore exact: "
              f"{so['restore_exact']}")
     return title + "\n" + _table(["measurement (median)", "time", "rate / overhead"], rows)
