@@ -332,13 +332,17 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._stop_hiding()
         previous_sigterm = self._previous_sigterm
         self._restore_sigterm_handler()
-        late_sigterm = self._sigterm_pending or (
-            # Another process of the job was told to stop after the last
-            # step boundary: every process saves that same final state.
-            self.handle_sigterm and not self._preempted
-            and self._coordinator is not None
-            and self._coordinator.peek("sigterm") is not None
-        )
+        late_sigterm = self._sigterm_pending
+        if self.handle_sigterm and self._coordinator is not None:
+            # A process told to stop after the last step boundary (or that
+            # proposed a boundary that never came): every process of the
+            # job saves that same final state, or none does.
+            late_sigterm = any(self._coordinator.agree(
+                "sigterm-at-end",
+                late_sigterm or (not self._preempted and self._coordinator.peek(
+                    "sigterm") is not None),
+                "the processes' SIGTERM at the end of fit",
+            ))
         if late_sigterm:
             # SIGTERM came after the last step boundary: the final state is
             # saved and kept, as for a preemption mid-training.
