@@ -139,8 +139,16 @@ class Coordinator:
             PeerError: not published in time, or a process died.
         """
         deadline = time.monotonic() + self.timeout
+        return self._wait_until(key, deadline, what, cancel, cancelled)
+
+    def _wait_until(
+        self, key: str, deadline: float, what: str,
+        cancel: threading.Event | None, cancelled: type[BaseException] | None,
+    ) -> Any:
         full = self._key(key)
         while True:
+            # A blocking read returns as soon as the key is set: no sleep
+            # between polls adds to a checkpoint's time to durable.
             try:
                 raw = self.client.blocking_key_value_get(
                     full, int(_SLICE_SECONDS * 1000)
@@ -164,18 +172,11 @@ class Coordinator:
             PeerError: a process did not publish in time, or died.
         """
         deadline = time.monotonic() + self.timeout
-        prefix = self._key(key) + "/"
-        while True:
-            try:
-                found = dict(self.client.key_value_dir_get(self._key(key)))
-            except Exception as e:  # JaxRuntimeError
-                raise self._error(f"waiting for {what}: {e}") from None
-            values = [found.get(f"{prefix}{i}") for i in range(self.count)]
-            if all(v is not None for v in values):
-                return [json.loads(v) for v in values]
-            missing = [i for i, v in enumerate(values) if v is None]
-            self._check(deadline, f"{what} of process(es) {missing}", cancel,
-                        cancelled, sleep=True)
+        return [
+            self._wait_until(f"{key}/{i}", deadline,
+                             f"{what} of process(es) [{i}]", cancel, cancelled)
+            for i in range(self.count)
+        ]
 
     def publish_mine(self, key: str, value: Any) -> None:
         """Publishes this process's `key/<index>` for `gather`."""
@@ -188,7 +189,7 @@ class Coordinator:
 
     def _check(
         self, deadline: float, what: str, cancel: threading.Event | None,
-        cancelled: type[BaseException] | None, sleep: bool = False,
+        cancelled: type[BaseException] | None,
     ) -> None:
         # No liveness probe here: the service's `get_live_nodes` is itself
         # a barrier of the processes it asks about. A dead process shows as
@@ -201,8 +202,6 @@ class Coordinator:
                 "(FASTBACKUP_PEER_TIMEOUT_SECONDS)",
                 errno.ETIMEDOUT,
             )
-        if sleep:
-            time.sleep(_SLICE_SECONDS)
 
     def _error(self, message: str, code: int = errno.EIO) -> PeerError:
         return PeerError(

@@ -60,6 +60,7 @@ class ProcessParts(Store):
         self.inner = inner
         self.coordinator = coordinator
         self.location = inner.location
+        self._before: list[int] = []
 
     def __repr__(self) -> str:
         c = self.coordinator
@@ -146,6 +147,9 @@ class ProcessParts(Store):
                     self.location,
                 )
             manifest = fmt.encode_manifest(encoded.meta, reports)
+            # The checkpoints before this one: `prune` deletes the parts of
+            # those it drops by name, without listing the location.
+            self._before = [s for s, _ in self.inner.list_checkpoints()]
             self.inner.commit(step, manifest, sync, cancel=cancel)
         except BaseException as e:
             c.publish(f"{key}/commit", _failure(e))
@@ -159,16 +163,15 @@ class ProcessParts(Store):
         if not self.coordinator.is_primary:
             return
         self.inner.prune(keep)
-        committed = [s for s, _ in self.inner.list_checkpoints()]
-        if not committed:
-            return
-        # Parts newer than the newest checkpoint are being written now.
-        stale = [
-            n for n in self.inner.list_parts()
-            if (s := part_step(n)) is not None
-            and s <= committed[0] and s not in committed
-        ]
-        self.inner.remove_parts(stale)
+        kept = {s for s, _ in self.inner.list_checkpoints()}
+        before, self._before = self._before, []
+        count = self.coordinator.count
+        # Parts of another process count (an earlier job) or of a commit
+        # that failed go at the next fit's clean-up.
+        self.inner.remove_parts([
+            part_name(s, i, count) for s in before if s not in kept
+            for i in range(count)
+        ])
 
     # Clean-up, lock ---------------------------------------------------------
 

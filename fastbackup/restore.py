@@ -50,6 +50,18 @@ class _Saved:
     def drop_views(self) -> None:
         self._views.clear()
 
+    def verify(self, want: Region) -> None:
+        """Verifies the checksum of every piece that meets region `want`.
+
+        A mapped piece's view is kept (it costs page cache only); a decoded
+        (compressed) one is dropped, to be decoded again when assigned,
+        so that verifying holds no state in process memory.
+        """
+        for i, (_, entry) in enumerate(self.pieces):
+            if _intersect((entry.offsets, entry.shape), want) is not None:
+                if self.view(i).flags.writeable:
+                    del self._views[i]
+
     def region(self, want: Region, dtype: np.dtype) -> np.ndarray:
         """The saved values of region `want`, from the pieces it meets.
 
@@ -289,10 +301,16 @@ def _region_of(index: tuple[Any, ...], shape: tuple[int, ...]) -> Region:
 
 
 class _Prepared:
-    """Every value to assign, verified; assigned only by `assign`."""
+    """Every value to assign, verified; assigned only by `assign`.
+
+    Verifying reads the saved shards through views of the files (mapped:
+    page cache, not process memory). A variable held in pieces gets its
+    pieces built only when it is assigned, one variable at a time, so that
+    host memory stays at one variable's pieces beyond the model itself.
+    """
 
     def __init__(self, plan: list[tuple[Any, _Saved]]) -> None:
-        self.values: list[tuple[Any, Any, dict[Region, np.ndarray]]] = []
+        self.values: list[tuple[Any, Any, Any]] = []
         for variable, saved in plan:
             dtype = host_dtype(variable)
             wanted = _wanted(variable)
@@ -300,15 +318,13 @@ class _Prepared:
                 shape = tuple(int(d) for d in variable.shape)
                 whole = ((0,) * len(shape), shape)
                 self.values.append(
-                    (variable, None, {whole: saved.region(whole, dtype)})
+                    (variable, None, saved.region(whole, dtype))
                 )
             else:
                 sharding, regions = wanted
-                self.values.append((variable, sharding, {
-                    r: np.array(saved.region(r, dtype)) for r in regions
-                }))
-                # This process's pieces are copies: the mapped shards can go.
-                saved.drop_views()
+                for region in regions:
+                    saved.verify(region)
+                self.values.append((variable, sharding, (saved, regions, dtype)))
 
     def assign(self) -> None:
         # JAX may alias a host array instead of copying it; the mapped file
@@ -316,19 +332,22 @@ class _Prepared:
         # (read-only) view. Decoded tensors are private arrays already.
         copy = keras.backend.backend() == "jax"
         while self.values:
-            variable, sharding, pieces = self.values.pop(0)
+            variable, sharding, value = self.values.pop(0)
             if sharding is None:
-                [value] = pieces.values()
                 if copy and not value.flags.writeable:
                     value = np.array(value)
                 variable.assign(value)
                 continue
             import jax
 
+            saved, regions, dtype = value
+            pieces = {r: np.array(saved.region(r, dtype)) for r in regions}
             shape = tuple(int(d) for d in variable.shape)
             variable.assign(jax.make_array_from_callback(
                 shape, sharding, lambda index: pieces[_region_of(index, shape)]
             ))
+            del pieces
+            saved.drop_views()
 
 
 def _prepare(
