@@ -3,8 +3,10 @@
 Runs sections a (blocking time per save), c (durable write throughput) and
 d (restore) in one set of interleaved rounds on one model, b (training-loop
 overhead) in another, e (resident memory) in fresh subprocesses, j
-(snapshot strategies on the JAX trainer) in a JAX subprocess, and s (an
-S3 bucket on a local moto server: upload, restore, training loop); prints the
+(snapshot strategies on the JAX trainer) in a JAX subprocess, s (an
+S3 bucket on a local moto server: upload, restore, training loop), and m
+(a sharded JAX model in 1 process and in 2, fastbackup and Orbax, in worker
+subprocesses); prints the
 tables and PASS/MISS per target; writes `results.json` and `results.png`
 into `--out`.
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-SECTIONS = "abcdejs"
+SECTIONS = "abcdejsm"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +49,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "temporary folder on the current directory's disk "
                              "(never tmpfs, where fsync does nothing)")
     parser.add_argument("--sections", default=SECTIONS,
-                        help="subset of 'abcdejs' to run (a, c and d run together)")
+                        help=f"subset of {SECTIONS!r} to run (a, c and d run together)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the backup folder instead of deleting it")
     args = parser.parse_args(argv)
@@ -147,6 +149,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["j_jax_snapshot"] = jax_snapshot.run_subprocess(
                 args.quick, args.repeats, log=_log)
             results["section_seconds"]["j"] = time.perf_counter() - t0
+        if "m" in wants:
+            from benchmarks import sharded
+
+            t0 = time.perf_counter()
+            _log(f"m: a sharded JAX model, 1 process x 4 CPU devices and 2 x 2, "
+                 f"{args.save_rounds} rounds (subprocesses)")
+            results["m_sharded"] = sharded.measure(
+                args.quick, args.save_rounds, work_dir, log=_log)
+            results["section_seconds"]["m"] = time.perf_counter() - t0
     finally:
         if args.keep:
             _log(f"kept {work_dir}")

@@ -378,6 +378,11 @@ def sharded_table(m: dict[str, Any]) -> str:
         else:
             rows.append(["Orbax", name, owned, f"not measured: {entry['orbax']}",
                          "-", "-", "-", "-", "-"])
+        stages = entry.get("fastbackup_stages") or []
+        names = sorted({k for st in stages for k in st})
+        if names:
+            notes.append(f"{name}: fastbackup writer stages per save (median): " + "; ".join(
+                f"{k} {_per_process([st.get(k) for st in stages], _s)}" for k in names))
         for key, error in entry.get("errors", {}).items():
             if key != "orbax_save":
                 notes.append(f"{layout}: {key}: {error}")

@@ -113,6 +113,60 @@ class _Job:
                 for i in range(self.processes)]
 
 
+class _WriterTimers:
+    """Time spent in each stage of fastbackup's writer thread, per save.
+
+    Wraps (in this worker only) the functions the writer calls, so that the
+    time from a save to durable can be split: encoding, this process's part
+    (or, in one process, the checkpoint) written durably, process 0 waiting
+    for every part, the manifest's commit, the others waiting for it, and
+    pruning the previous checkpoint.
+    """
+
+    STAGES = (
+        ("encode", "fastbackup.format", None, "encode"),
+        ("write_part", "fastbackup.storage", "LocalStore", "write_part"),
+        ("commit", "fastbackup.storage", "LocalStore", "commit"),
+        ("gather_parts", "fastbackup.coordination", "Coordinator", "gather"),
+        ("wait_commit", "fastbackup.coordination", "Coordinator", "wait"),
+        ("prune", "fastbackup.parts", "ProcessParts", "prune"),
+        ("prune", "fastbackup.storage", "LocalStore", "prune"),
+    )
+
+    def __init__(self) -> None:
+        import importlib
+        import threading
+
+        self._lock = threading.Lock()
+        self._total: dict[str, float] = {}
+        self._depth = threading.local()
+        for key, module, cls, attr in self.STAGES:
+            owner: Any = importlib.import_module(module)
+            if cls is not None:
+                owner = getattr(owner, cls)
+            setattr(owner, attr, self._wrap(key, getattr(owner, attr)))
+
+    def _wrap(self, key: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            # ProcessParts.prune calls LocalStore.prune: counted once.
+            outer = not getattr(self._depth, key, 0)
+            setattr(self._depth, key, getattr(self._depth, key, 0) + 1)
+            start = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                setattr(self._depth, key, getattr(self._depth, key) - 1)
+                if outer:
+                    with self._lock:
+                        self._total[key] = (self._total.get(key, 0.0)
+                                            + time.perf_counter() - start)
+        return timed
+
+    def totals(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._total)
+
+
 def _distribution() -> Any:
     import jax
     from keras import distribution
@@ -208,6 +262,8 @@ def run_worker(spec: Any, processes: int, index: int, work_dir: str, rounds: int
                         "fastbackup_restore_s", "orbax_restore_s")
     }
 
+    timers = _WriterTimers()
+    stages: dict[str, list[float]] = {}
     cb = fastbackup.BackupAndRestore(fb_dir, delete_checkpoint=False)
     cb.set_model(model)
     cb.on_train_begin()
@@ -215,12 +271,15 @@ def run_worker(spec: Any, processes: int, index: int, work_dir: str, rounds: int
 
     def fastbackup_save(record: bool) -> None:
         before, io = cb.stats.bytes_written, _io_write_bytes()
+        spent = timers.totals()
         start = time.perf_counter()
         saves[0] += 1
         cb._save(1, saves[0], block=True)
         cb.wait_until_finished()
         durable = time.perf_counter() - start
         if record:
+            for key, total in timers.totals().items():
+                stages.setdefault(key, []).append(total - spent.get(key, 0.0))
             samples["fastbackup_blocking_s"].append(cb.blocking_seconds[-1])
             samples["fastbackup_durable_s"].append(durable)
             samples["fastbackup_write_s"].append(cb.stats.write_seconds[-1])
@@ -325,6 +384,8 @@ def run_worker(spec: Any, processes: int, index: int, work_dir: str, rounds: int
             log(f"  m: restore round {r + 1}/{rounds} done")
     out["samples"] = samples
     out["median"] = {k: median(v) for k, v in samples.items()}
+    out["fastbackup_stages"] = {"samples": stages,
+                                "median": {k: median(v) for k, v in stages.items()}}
     out["orbax"] = "measured" if with_orbax else out["errors"].get("orbax_save")
     job.barrier("measured")
     return out
@@ -501,6 +562,7 @@ def measure(quick: bool, rounds: int, work_dir: str,
             "restore_exact": [r["restore_exact"] for r in results],
             "disk": _disk_usage(layout_dir, processes),
             "fastbackup": _row("fastbackup", results),
+            "fastbackup_stages": [r["fastbackup_stages"]["median"] for r in results],
             "per_process": results,
         }
         if first["orbax"] == "measured":
