@@ -510,7 +510,12 @@ def _row(tool: str, results: list[dict[str, Any]]) -> dict[str, Any]:
                        "restore_s"),
         "orbax": ("blocking_s", "durable_s", "io_bytes", "restore_s"),
     }[tool]
-    return {k: [r["median"].get(f"{tool}_{k}") for r in results] for k in keys}
+    row = {k: [r["median"].get(f"{tool}_{k}") for r in results] for k in keys}
+    # Time to durable can be bimodal (see fastbackup's stages): the fastest
+    # save of each process beside the median.
+    row["durable_min_s"] = [min(r["samples"][f"{tool}_durable_s"], default=None)
+                            for r in results]
+    return row
 
 
 def measure(quick: bool, rounds: int, work_dir: str,
