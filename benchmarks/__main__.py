@@ -33,8 +33,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="small model (Dense(1024) layers, ~76 MB of state); "
                              "under 2 minutes, plus 1-1.5 minutes for section s "
-                             "(55-94 s measured). Default: the ~100M-parameter model "
-                             "(~1.2 GB of state), about 15 minutes")
+                             "(55-94 s measured) and about 1-1.5 for section m "
+                             "(60-83 s). Default: the ~100M-parameter model "
+                             "(~1.2 GB of state), about 15 minutes, plus about "
+                             "1.5-2 for section m (81-110 s)")
     parser.add_argument("--out", default="bench-results",
                         help="folder for results.json and results.png "
                              "(default: %(default)s)")
