@@ -45,7 +45,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "(section b; default: %(default)s)")
     parser.add_argument("--save-rounds", type=int, default=5,
                         help="interleaved rounds of single saves, writes and "
-                             "restores (sections a, c, d; default: %(default)s)")
+                             "restores (sections a, c, d, m; default: %(default)s)")
     parser.add_argument("--dir", default=None,
                         help="parent folder of the backups written; default: a "
                              "temporary folder on the current directory's disk "
