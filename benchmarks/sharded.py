@@ -228,7 +228,6 @@ def run_worker(spec: Any, processes: int, index: int, work_dir: str, rounds: int
                log: Callable[[str], None]) -> dict[str, Any]:
     """Measures one process of one layout (see the module docstring)."""
     import jax
-    import keras
     from keras import distribution
 
     import fastbackup
@@ -333,7 +332,8 @@ def run_worker(spec: Any, processes: int, index: int, work_dir: str, rounds: int
         if index == 0:
             log(f"  m: save round {r + 1}/{rounds} done")
     cb.on_train_end()
-    if ocb is not None:
+    # Closing syncs the processes: only where every process has a callback.
+    if with_orbax:
         try:
             ocb.on_train_end()
         except Exception as e:  # noqa: BLE001 - recorded
@@ -359,7 +359,8 @@ def run_worker(spec: Any, processes: int, index: int, work_dir: str, rounds: int
         targets["orbax"].load_weights(orbax_dir)
         return time.perf_counter() - start
 
-    restores = {"fastbackup": fastbackup_restore, "orbax": orbax_restore}
+    restores = {name: {"fastbackup": fastbackup_restore,
+                       "orbax": orbax_restore}[name] for name in steps}
     exact: dict[str, Any] = {}
     for name in steps:
         error = None
