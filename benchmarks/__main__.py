@@ -3,8 +3,10 @@
 Runs sections a (blocking time per save), c (durable write throughput) and
 d (restore) in one set of interleaved rounds on one model, b (training-loop
 overhead) in another, e (resident memory) in fresh subprocesses, j
-(snapshot strategies on the JAX trainer) in a JAX subprocess, and s (an
-S3 bucket on a local moto server: upload, restore, training loop); prints the
+(snapshot strategies on the JAX trainer) in a JAX subprocess, s (an
+S3 bucket on a local moto server: upload, restore, training loop), and m
+(a sharded JAX model in 1 process and in 2, fastbackup and Orbax, in worker
+subprocesses); prints the
 tables and PASS/MISS per target; writes `results.json` and `results.png`
 into `--out`.
 """
@@ -23,7 +25,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-SECTIONS = "abcdejs"
+SECTIONS = "abcdejsm"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -34,8 +36,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="small model (Dense(1024) layers, ~76 MB of state); "
                              "under 2 minutes, plus 1-1.5 minutes for section s "
-                             "(55-94 s measured). Default: the ~100M-parameter model "
-                             "(~1.2 GB of state), about 15 minutes")
+                             "(55-94 s measured) and about 1-1.5 for section m "
+                             "(60-83 s). Default: the ~100M-parameter model "
+                             "(~1.2 GB of state), about 15 minutes, plus about "
+                             "1.5-2 for section m (81-110 s)")
     parser.add_argument("--out", default="bench-results",
                         help="folder for results.json and results.png "
                              "(default: %(default)s)")
@@ -44,13 +48,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "(section b; default: %(default)s)")
     parser.add_argument("--save-rounds", type=int, default=5,
                         help="interleaved rounds of single saves, writes and "
-                             "restores (sections a, c, d; default: %(default)s)")
+                             "restores (sections a, c, d, m; default: %(default)s)")
     parser.add_argument("--dir", default=None,
                         help="parent folder of the backups written; default: a "
                              "temporary folder on the current directory's disk "
                              "(never tmpfs, where fsync does nothing)")
     parser.add_argument("--sections", default=SECTIONS,
-                        help="subset of 'abcdejs' to run (a, c and d run together)")
+                        help=f"subset of {SECTIONS!r} to run (a, c and d run together)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the backup folder instead of deleting it")
     args = parser.parse_args(argv)
@@ -173,6 +177,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _log(f"j: JAX snapshot strategies, {args.repeats} rounds (subprocess)")
                 results["j_jax_snapshot"] = jax_snapshot.run_subprocess(
                     args.quick, args.repeats, log=_log)
+        if "m" in wants:
+            from benchmarks import sharded
+
+            with _section(results, "m"):
+                _log(f"m: a sharded JAX model, 1 process x 4 CPU devices and 2 x 2, "
+                     f"{args.save_rounds} rounds (subprocesses)")
+                results["m_sharded"] = sharded.measure(
+                    args.quick, args.save_rounds, work_dir, log=_log)
     finally:
         if args.keep:
             _log(f"kept {work_dir}")

@@ -298,6 +298,9 @@ def detail_tables(results: dict[str, Any]) -> str:
     so = results.get("s_object_store")
     if so:
         parts.append(object_store_table(so))
+    m = results.get("m_sharded")
+    if m:
+        parts.append(sharded_table(m))
     return "\n\n".join(parts)
 
 
@@ -332,6 +335,92 @@ def object_store_table(so: dict[str, Any]) -> str:
              f"{so['part_bytes'] >> 20} MiB parts x {so['concurrency']}; restore exact: "
              f"{so['restore_exact']}")
     return title + "\n" + _table(["measurement (median)", "time", "rate / overhead"], rows)
+
+
+def _per_process(values: list[Any] | None, fmt: Callable[[Any], str]) -> str:
+    """One figure per process, "p0 / p1" where there are several."""
+    if not values:
+        return "-"
+    return " / ".join(fmt(v) for v in values)
+
+
+def _durable(row: dict[str, Any]) -> str:
+    """Median time to durable per process, and the fastest save's."""
+    fastest = row.get("durable_min_s") or [None] * len(row["durable_s"])
+    return " / ".join(f"{_s(d)} ({_s(f)})" for d, f in zip(row["durable_s"], fastest))
+
+
+def sharded_table(m: dict[str, Any]) -> str:
+    """Section m: one sharded model in 1 process and in 2, fastbackup and Orbax.
+
+    One row per (tool, layout); in the 2-process rows each cell gives
+    process 0's figure, then process 1's.
+    """
+    rows = []
+    notes = []
+    for layout, entry in m["layouts"].items():
+        if "error" in entry:
+            notes.append(f"{layout}: not measured: {entry['error']}")
+            continue
+        name = (f"{entry['processes']} proc x {entry['devices_per_process']} dev")
+        owned = _per_process(entry["owned_bytes"], lambda v: _s(v, "MB"))
+        fb = entry["fastbackup"]
+        rows.append([
+            "fastbackup", name, owned,
+            _per_process(fb["blocking_s"], _s), _durable(fb),
+            _per_process(fb["write_s"], _s),
+            _per_process(fb["bytes"], lambda v: _s(v, "MB")),
+            _per_process(fb["io_bytes"], lambda v: _s(v, "MB")),
+            _per_process(fb["restore_s"], _s),
+        ])
+        orb = entry.get("orbax_figures")
+        if orb:
+            rows.append([
+                "Orbax", name, owned,
+                _per_process(orb["blocking_s"], _s), _durable(orb),
+                "-", "-",
+                _per_process(orb["io_bytes"], lambda v: _s(v, "MB")),
+                _per_process(orb["restore_s"], _s),
+            ])
+        else:
+            rows.append(["Orbax", name, owned, f"not measured: {entry['orbax']}",
+                         "-", "-", "-", "-", "-"])
+        stages = entry.get("fastbackup_stages") or []
+        names = sorted({k for st in stages for k in st})
+        if names:
+            notes.append(f"{name}: fastbackup writer stages per save (median): " + "; ".join(
+                f"{k} {_per_process([st.get(k) for st in stages], _s)}" for k in names))
+        for key, error in entry.get("errors", {}).items():
+            if key != "orbax_save":
+                notes.append(f"{layout}: {key}: {error}")
+        inexact = [(i, tool) for i, ex in enumerate(entry.get("restore_exact", []))
+                   for tool, ok in ex.items() if not ok]
+        if inexact:
+            notes.append(f"{layout}: restore NOT exact in (process, tool) {inexact}")
+    model = m["model"]
+    state = next((e["state_bytes"] for e in m["layouts"].values() if "state_bytes" in e), None)
+    title = (f"m. sharded model, mesh {m['mesh']}: {model['hidden_layers']} x "
+             f"Dense({model['units']}) on {model['input_dim']} inputs, "
+             f"{model['parameters'] / 1e6:.1f} M parameters, {_s(state, 'MB')} of state; "
+             f"medians of {m['rounds']} rounds, per process (p0 / p1); load "
+             f"{m.get('load_average_at_start')} -> {m.get('load_average_at_end')}")
+    table = _table(["tool", "layout", "shards owned", "blocking per save",
+                    "save -> durable (fastest)", "writer (part+commit)", "bytes written",
+                    "write_bytes (/proc)", "restore"], rows)
+    r = m.get("ratios", {})
+
+    def ratio(key: str) -> str:
+        return f"{r[key]:.2f}x" if r.get(key) is not None else "-"
+
+    lines = [title, table,
+             "2 proc / 1 proc (the larger process): fastbackup bytes written per "
+             f"process {ratio('fastbackup_bytes')} (/proc {ratio('fastbackup_io_bytes')}), "
+             f"blocking {ratio('fastbackup_blocking_s')}, durable "
+             f"{ratio('fastbackup_durable_s')}, restore {ratio('fastbackup_restore_s')}; "
+             f"Orbax /proc bytes {ratio('orbax_io_bytes')}, blocking "
+             f"{ratio('orbax_blocking_s')}, durable {ratio('orbax_durable_s')}, "
+             f"restore {ratio('orbax_restore_s')}"]
+    return "\n".join(lines + notes)
 
 
 def jax_snapshot_table(j: dict[str, Any]) -> str:
