@@ -465,10 +465,20 @@ class ObjectStore(Store):
     def _delete(self, names: list[str]) -> None:
         if not names:
             return
+        keys = [self._key(n) for n in names]
         try:
-            obstore.delete(self.client, [self._key(n) for n in names])
+            obstore.delete(self.client, keys)
         except FileNotFoundError:
-            pass
+            # GCS answers 404 for a missing object (S3 does not), and the
+            # client abandons a batch at its first error: the others may be
+            # left (measured: none deleted). A missing one is already gone.
+            for key in keys if len(keys) > 1 else ():
+                try:
+                    obstore.delete(self.client, key)
+                except FileNotFoundError:
+                    pass
+                except obx.BaseError as e:
+                    raise _io_error("deleting", self.location, e) from None
         except obx.BaseError as e:
             raise _io_error("deleting", self.location, e) from None
 

@@ -200,6 +200,14 @@ def gcs_server():
     server.stop()
 
 
+@pytest.fixture
+def gcs_url(gcs_server, monkeypatch):
+    """`gs://<new bucket>/runs/job-1`, the client pointed at the emulator
+    through `STORAGE_EMULATOR_HOST`, as a user would point it."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint)
+    return f"gs://{gcs_server.create_bucket()}/runs/job-1"
+
+
 # Worker processes -------------------------------------------------------------
 
 
