@@ -208,6 +208,18 @@ def gcs_url(gcs_server, monkeypatch):
     return f"gs://{gcs_server.create_bucket()}/runs/job-1"
 
 
+@pytest.fixture
+def gcs_fault_proxy(gcs_server, gcs_url, monkeypatch):
+    """A fault-injecting proxy in front of the GCS emulator; the client goes
+    through it."""
+    from tests.object_servers import FaultProxy
+
+    proxy = FaultProxy(gcs_server.port)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+    yield proxy
+    proxy.close()
+
+
 # Worker processes -------------------------------------------------------------
 
 

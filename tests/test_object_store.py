@@ -836,3 +836,33 @@ def test_gcs_write_the_emulator_refuses_is_an_error_naming_the_object(
     with pytest.raises(OSError) as info:
         store.acquire_lock(owner, owner.flush)
     assert info.value.filename == f"{gcs_url}/LEASE"
+
+
+def test_gcs_reads_ride_out_503_and_dropped_connections(
+    gcs_server, gcs_url, gcs_fault_proxy, tmp_path
+):
+    """The GCS client gets the same retry policy as the S3 one."""
+    from fastbackup import restore
+
+    local = _local_backup(tmp_path)
+    entries = _gcs_upload_backup(gcs_server, gcs_url, local)
+    store = storage.open_store(gcs_url)
+    gcs_fault_proxy.inject("503", "drop", "503", "drop")
+    assert [s for s, _ in store.list_checkpoints()] == [
+        e["step"] for e in entries]
+    gcs_fault_proxy.inject("drop", "503")
+    # A new store: a new client, whose first connection meets the faults
+    # (the emulator keeps connections alive, so one fault hits one
+    # connection, not one request).
+    model = _built_fresh_model()
+    reader = restore.restore_latest(storage.open_store(gcs_url), model,
+                                    fall_back=False)
+    assert reader.step == entries[0]["step"]
+    assert gcs_fault_proxy.injected == {"503": 3, "drop": 3}
+
+    failing = object_store.ObjectStore(gcs_url, retry_seconds=0.5)
+    gcs_fault_proxy.fail_all("503")
+    with pytest.raises(OSError) as info:
+        failing.list_checkpoints()
+    assert info.value.errno == errno.EIO
+    assert info.value.filename == f"{gcs_url}/COMMITTED"
