@@ -471,14 +471,19 @@ class ObjectStore(Store):
         except FileNotFoundError:
             # GCS answers 404 for a missing object (S3 does not), and the
             # client abandons a batch at its first error: the others may be
-            # left (measured: none deleted). A missing one is already gone.
-            for key in keys if len(keys) > 1 else ():
-                try:
-                    obstore.delete(self.client, key)
-                except FileNotFoundError:
-                    pass
-                except obx.BaseError as e:
-                    raise _io_error("deleting", self.location, e) from None
+            # left (measured: none deleted). One at a time, a missing one
+            # counting as deleted.
+            if len(keys) > 1:
+                for key in keys:
+                    self._delete_key(key)
+        except obx.BaseError as e:
+            raise _io_error("deleting", self.location, e) from None
+
+    def _delete_key(self, key: str) -> None:
+        try:
+            obstore.delete(self.client, key)
+        except FileNotFoundError:
+            pass
         except obx.BaseError as e:
             raise _io_error("deleting", self.location, e) from None
 
