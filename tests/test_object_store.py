@@ -866,3 +866,24 @@ def test_gcs_reads_ride_out_503_and_dropped_connections(
         failing.list_checkpoints()
     assert info.value.errno == errno.EIO
     assert info.value.filename == f"{gcs_url}/COMMITTED"
+
+
+def test_gcs_fit_whose_backup_cannot_be_written_fails_at_its_start(
+    gcs_url, tmp_path
+):
+    """A gs:// backup_dir that refuses writes stops `fit` before its first
+    batch, naming the lease: never a training that believes it is backed
+    up."""
+    x, y = make_data()
+    model = make_model()
+    before = [np.array(w.numpy(), copy=True) for w in model.weights]
+    callback = fastbackup.BackupAndRestore(gcs_url, save_freq=2)
+    with pytest.raises(OSError) as info:
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0,
+                  callbacks=[callback])
+    assert info.value.filename == f"{gcs_url}/LEASE"
+    # No step ran (some backends build the optimizer before the callbacks
+    # start: only the model's own weights are compared).
+    assert_state_equal([np.array(w.numpy()) for w in model.weights], before)
+    assert int(np.array(model.optimizer.iterations.numpy())) == 0
+    assert storage.open_store(gcs_url).list_checkpoints() == []
