@@ -465,8 +465,23 @@ class ObjectStore(Store):
     def _delete(self, names: list[str]) -> None:
         if not names:
             return
+        keys = [self._key(n) for n in names]
         try:
-            obstore.delete(self.client, [self._key(n) for n in names])
+            obstore.delete(self.client, keys)
+        except FileNotFoundError:
+            # GCS answers 404 for a missing object (S3 does not), and the
+            # client abandons a batch at its first error: the others may be
+            # left (measured: none deleted). One at a time, a missing one
+            # counting as deleted.
+            if len(keys) > 1:
+                for key in keys:
+                    self._delete_key(key)
+        except obx.BaseError as e:
+            raise _io_error("deleting", self.location, e) from None
+
+    def _delete_key(self, key: str) -> None:
+        try:
+            obstore.delete(self.client, key)
         except FileNotFoundError:
             pass
         except obx.BaseError as e:

