@@ -17,6 +17,8 @@ process feeding its half of each batch). Scenarios:
   of the fourth checkpoint.
 - `after-kill`: the next run of the `kill` job restores the last committed
   checkpoint, which must equal the uninterrupted run's state at its step.
+- `from-whole`: a single-process backup (whole tensors, made by the test)
+  restores onto the (1, 4) mesh of the two processes.
 - `single`: (PROCESS_ID and PORT ignored) one process with 4 devices, then
   one device, restore the `model` scenario's backup.
 
@@ -436,6 +438,32 @@ def scenario_after_kill(workdir: str) -> dict:
     }
 
 
+def scenario_from_whole(workdir: str) -> dict:
+    """A single-process backup (whole tensors) onto the 2-process mesh."""
+    import numpy as np
+    from keras import distribution
+
+    import fastbackup
+
+    with np.load(os.path.join(workdir, "whole-expected.npz")) as f:
+        expected = [f[k] for k in sorted(f.files, key=lambda k: int(k[4:]))]
+    distribution.set_distribution(distribution_for("model"))
+    x, y = data("model")
+    target = make_model()
+    target.build((None, 8))
+    cb = fastbackup.BackupAndRestore(os.path.join(workdir, "whole"),
+                                     delete_checkpoint=False)
+    target.fit(x, y, epochs=1, batch_size=BATCH, verbose=0, callbacks=[cb])
+    got = global_state(target)
+    return {
+        "restored_from": list(cb.restored_from or ()),
+        "sharded": not target.layers[0].kernel.value.is_fully_addressable,
+        "equal": len(got) == len(expected) and all(
+            a.dtype == b.dtype and a.tobytes() == b.tobytes()
+            for a, b in zip(got, expected)),
+    }
+
+
 def scenario_single(workdir: str) -> dict:
     import numpy as np
     from keras import distribution
@@ -479,6 +507,7 @@ def main() -> dict:
         "data": scenario_data,
         "kill": scenario_kill,
         "after-kill": scenario_after_kill,
+        "from-whole": scenario_from_whole,
         "single": scenario_single,
     }[SCENARIO](workdir)
 

@@ -112,6 +112,35 @@ def test_the_backup_of_two_processes_restores_onto_one_process(
         "equal": True, "kernel_spec": "SingleDeviceSharding", "devices": 1}
 
 
+def test_a_single_process_backup_restores_onto_two_processes(tmp_path):
+    # The same architecture as the worker's, trained here in one process
+    # (one device): its checkpoint holds whole tensors, which each process
+    # of the job cuts into the pieces its devices hold.
+    import numpy as np
+
+    import fastbackup
+    from fastbackup.snapshot import collect_variables
+
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([
+        keras.layers.Input((8,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dropout(0.2, seed=3),
+        keras.layers.Dense(4),
+    ])
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    x = np.random.default_rng(1).normal(size=(64, 8)).astype("float32")
+    model.fit(x, x[:, :4], epochs=2, batch_size=16, verbose=0, callbacks=[
+        fastbackup.BackupAndRestore(tmp_path / "whole",
+                                    delete_checkpoint=False)])
+    np.savez(tmp_path / "whole-expected.npz", *[
+        np.array(v.numpy()) for _, v in collect_variables(model)])
+    for result in two_processes("from-whole", tmp_path):
+        assert result["sharded"]
+        assert result["restored_from"] == [1, 2, 0]
+        assert result["equal"]
+
+
 def test_a_part_that_fails_in_one_process_fails_the_checkpoint_everywhere(
         model_parallel_job):
     _, results = model_parallel_job
