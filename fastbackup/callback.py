@@ -364,15 +364,13 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._raise_writer_error()
         self._raise_copy_error()
         self._log_summary()
-        if isinstance(self.store, parts.ProcessParts):
-            # Process 0 deletes or unlocks only once no process writes.
-            self.store.end_fit()
+        # In a multi-process job, process 0 deletes or unlocks only once no
+        # process writes, and `fit` returns everywhere once that is done.
+        self.store.end_fit()
         if delete and self.store.exists():
             self.store.remove_all()
         self.store.release_lock(self)
-        if isinstance(self.store, parts.ProcessParts):
-            # And `fit` returns in every process once that is done.
-            self.store.end_fit(after_cleanup=True)
+        self.store.end_fit(after_cleanup=True)
         if late_sigterm and callable(previous_sigterm):
             previous_sigterm(signal.SIGTERM, None)
 

@@ -507,8 +507,13 @@ class Snapshotter:
             del view
             arrays.append(buf)
             regions.append(region)
-            specs.append(dataclasses.replace(
-                piece.spec, dtype=buf.dtype, shape=tuple(buf.shape)))
+            spec = piece.spec
+            if buf.shape != spec.shape or buf.dtype != spec.dtype:
+                # The host copy is what is written; the layout read from
+                # the variable only predicted it (no new spec per save).
+                spec = dataclasses.replace(spec, dtype=buf.dtype,
+                                           shape=tuple(buf.shape))
+            specs.append(spec)
         snap = into if into is not None else HostSnapshot(specs, arrays)
         snap.specs, snap.arrays, snap.regions = specs, arrays, regions
         snap.part = self.part

@@ -465,6 +465,16 @@ class Store(abc.ABC):
     def read_object(self, name: str) -> bytes | None:
         """Reads a small object stored by `write_object`; `None` if absent."""
 
+    def end_fit(self, after_cleanup: bool = False) -> None:
+        """Waits for the job's other processes at the end of a `fit`.
+
+        A store of one process has none: it returns at once. See
+        `parts.ProcessParts.end_fit`.
+
+        Args:
+            after_cleanup: the call after the backup was deleted or unlocked.
+        """
+
     # Parts of multi-process checkpoints (`fastbackup.parts`): files named
     # `part_name(...)`, never listed as checkpoints; a manifest committed
     # with `commit` makes them one.

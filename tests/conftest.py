@@ -59,6 +59,30 @@ def fresh_model(units: int = 8, input_dim: int = 6):
     return model
 
 
+def dense_model(seed: int = 5):
+    """The sharding tests' model: Dense kernels to shard, and a Dropout.
+
+    Its layers match a `LayoutMap` of `".*dense.*kernel"`; the seed makes
+    every process of a job (and every run) start from the same values.
+    """
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.layers.Input((8,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dropout(0.2, seed=3),
+        keras.layers.Dense(4),
+    ])
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    return model
+
+
+def same_arrays(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    """True if two lists of arrays are equal bit for bit, dtypes included."""
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(a, b)
+    )
+
+
 def make_data(n: int = 32, input_dim: int = 6, seed: int = 0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, input_dim)).astype("float32")

@@ -65,17 +65,9 @@ def distribution_for(kind: str, shape: tuple[int, int] = (1, 4)):
 
 
 def make_model():
-    import keras
+    from tests.conftest import dense_model
 
-    keras.utils.set_random_seed(5)  # the same initial values everywhere
-    model = keras.Sequential([
-        keras.layers.Input((8,)),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dropout(0.2, seed=3),
-        keras.layers.Dense(4),
-    ])
-    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
-    return model
+    return dense_model()
 
 
 def data(kind: str):
@@ -175,12 +167,11 @@ def parts_of(backup: str) -> dict:
 
 
 def scenario_model(workdir: str) -> dict:
-    import keras
     import numpy as np
     from keras import distribution
 
     import fastbackup
-    from tests.conftest import InterruptAt
+    from tests.conftest import InterruptAt, same_arrays
 
     backup = os.path.join(workdir, "backup")
     kind = "model"
@@ -231,9 +222,7 @@ def scenario_model(workdir: str) -> dict:
         target.fit(x, y, **{**fit, "epochs": 1}, callbacks=[restore])
         got = global_state(target)
         result[name] = {
-            "equal": len(got) == len(expected) and all(
-                a.dtype == b.dtype and a.tobytes() == b.tobytes()
-                for a, b in zip(got, expected)),
+            "equal": same_arrays(got, expected),
             "kernel_spec": spec(target),
         }
     distribution.set_distribution(distribution_for(kind))
@@ -363,7 +352,6 @@ def scenario_data(workdir: str) -> dict:
 
 
 def scenario_kill(workdir: str) -> dict:
-    import numpy as np
     from keras import distribution
 
     import fastbackup
@@ -444,6 +432,7 @@ def scenario_from_whole(workdir: str) -> dict:
     from keras import distribution
 
     import fastbackup
+    from tests.conftest import same_arrays
 
     with np.load(os.path.join(workdir, "whole-expected.npz")) as f:
         expected = [f[k] for k in sorted(f.files, key=lambda k: int(k[4:]))]
@@ -458,9 +447,7 @@ def scenario_from_whole(workdir: str) -> dict:
     return {
         "restored_from": list(cb.restored_from or ()),
         "sharded": not target.layers[0].kernel.value.is_fully_addressable,
-        "equal": len(got) == len(expected) and all(
-            a.dtype == b.dtype and a.tobytes() == b.tobytes()
-            for a, b in zip(got, expected)),
+        "equal": same_arrays(got, expected),
     }
 
 
@@ -469,6 +456,7 @@ def scenario_single(workdir: str) -> dict:
     from keras import distribution
 
     import fastbackup
+    from tests.conftest import same_arrays
 
     backup = os.path.join(workdir, "backup")
     with np.load(os.path.join(workdir, "expected.npz")) as f:
@@ -486,9 +474,7 @@ def scenario_single(workdir: str) -> dict:
                    callbacks=[restore])
         got = global_state(target)
         result[name] = {
-            "equal": len(got) == len(expected) and all(
-                a.dtype == b.dtype and a.tobytes() == b.tobytes()
-                for a, b in zip(got, expected)),
+            "equal": same_arrays(got, expected),
             "kernel_spec": spec(target),
             "devices": len(target.layers[0].kernel.value.devices()),
         }

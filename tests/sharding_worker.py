@@ -23,12 +23,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import distribution  # noqa: E402
 
 import fastbackup  # noqa: E402
-from tests.conftest import InterruptAt, all_state  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    InterruptAt,
+    all_state,
+    dense_model as model,
+    same_arrays as same,
+)
 
 EPOCHS = 3
 
@@ -41,18 +45,6 @@ def model_parallel(shape: tuple[int, int]) -> distribution.ModelParallel:
     return distribution.ModelParallel(layout_map=layout, batch_dim_name="batch")
 
 
-def model():
-    keras.utils.set_random_seed(5)
-    m = keras.Sequential([
-        keras.layers.Input((8,)),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dropout(0.2, seed=3),
-        keras.layers.Dense(4),
-    ])
-    m.compile(optimizer="adam", loss="mse", metrics=["mae"])
-    return m
-
-
 def data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8)).astype("float32")
@@ -62,12 +54,6 @@ def data():
 def kernel_spec(m) -> str:
     sharding = m.layers[0].kernel.value.sharding
     return str(getattr(sharding, "spec", type(sharding).__name__))
-
-
-def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    return len(a) == len(b) and all(
-        x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(a, b)
-    )
 
 
 def main(workdir: str) -> dict:

@@ -11,7 +11,7 @@ import os
 import keras
 import pytest
 
-from tests.conftest import free_port, run_workers
+from tests.conftest import dense_model, free_port, run_workers
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "sharding_worker.py")
@@ -113,7 +113,7 @@ def test_the_backup_of_two_processes_restores_onto_one_process(
 
 
 def test_a_single_process_backup_restores_onto_two_processes(tmp_path):
-    # The same architecture as the worker's, trained here in one process
+    # The worker's model, trained here in one process
     # (one device): its checkpoint holds whole tensors, which each process
     # of the job cuts into the pieces its devices hold.
     import numpy as np
@@ -121,14 +121,7 @@ def test_a_single_process_backup_restores_onto_two_processes(tmp_path):
     import fastbackup
     from fastbackup.snapshot import collect_variables
 
-    keras.utils.set_random_seed(7)
-    model = keras.Sequential([
-        keras.layers.Input((8,)),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dropout(0.2, seed=3),
-        keras.layers.Dense(4),
-    ])
-    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    model = dense_model(seed=7)
     x = np.random.default_rng(1).normal(size=(64, 8)).astype("float32")
     model.fit(x, x[:, :4], epochs=2, batch_size=16, verbose=0, callbacks=[
         fastbackup.BackupAndRestore(tmp_path / "whole",
