@@ -36,7 +36,7 @@ sys.path.insert(0, _ROOT)
 import obstore  # noqa: E402
 from obstore import exceptions as obx  # noqa: E402
 
-from fastbackup import object_store  # noqa: E402
+from fastbackup.stores import object_store  # noqa: E402
 from tests.object_servers import (  # noqa: E402
     HTTP_TIMEOUT,
     FakeGCSServer,

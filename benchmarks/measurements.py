@@ -395,7 +395,7 @@ def measure_writer_cpu(
     """Section c: the writer thread's CPU time per GB written, per path.
 
     Runs what the writer thread runs for one checkpoint (`format.encode`,
-    `storage.commit` with fsync) on this thread, and takes this thread's
+    `LocalStore.commit` with fsync) on this thread, and takes this thread's
     CPU time (user + system, `time.thread_time`) around it: CRC-32C, any
     bounce or page-cache copy, and the kernel's work for the write(2)s.
     Waiting for the disk is not CPU. Compression is off, so that every
@@ -407,7 +407,7 @@ def measure_writer_cpu(
         Samples and medians per path: `cpu_s_per_gb`, `wall_s`, `bytes`.
     """
     from fastbackup import format as fmt
-    from fastbackup import storage
+    from fastbackup.stores.local import LocalStore
     from fastbackup.snapshot import HostSnapshot, Snapshotter
 
     snapper = Snapshotter(model)
@@ -432,10 +432,10 @@ def measure_writer_cpu(
     def write(name: str, kind: str, direct: bool, record: bool) -> None:
         cpu0, wall0 = time.thread_time(), time.perf_counter()
         encoded = fmt.encode(snapshots[kind], policy, next(step))
-        result = storage.commit(directory, encoded.meta["step"], encoded,
+        result = LocalStore(directory).commit(encoded.meta["step"], encoded,
                                 sync=True, direct=direct)
         cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
-        storage.prune(directory, 1)
+        LocalStore(directory).prune(1)
         if record:
             s = samples[name]
             s["cpu_s_per_gb"].append(cpu / (result.nbytes / 1e9))

@@ -133,10 +133,11 @@ def state_arrays(model: keras.Model) -> list[np.ndarray]:
     (TensorFlow copies a variable before updating it in place while another
     tensor still references its buffer).
     """
-    from fastbackup.snapshot import _backend_reader, collect_variables
+    from fastbackup import backend
+    from fastbackup.snapshot import collect_variables
 
     # The same zero-copy reads the snapshot uses, per backend.
-    read = _backend_reader()
+    read = backend.current().read_host
     return [read(v) for _, v in collect_variables(model)]
 
 

@@ -82,14 +82,15 @@ def measure(
 
     import fastbackup
     from fastbackup import format as fmt
-    from fastbackup import object_store, storage
+    from fastbackup.stores import object_store
+    from fastbackup.stores.location import open_store
     from fastbackup.restore import restore_latest
     from fastbackup.snapshot import HostSnapshot, Snapshotter
 
     server = _server()
     try:
         url = f"s3://{server.create_bucket()}/bench/run"
-        store = storage.open_store(url)
+        store = open_store(url)
         client = store.client
         snapshotter = Snapshotter(model)
         snapshot = snapshotter.take(HostSnapshot.allocate(snapshotter.layout()), 0, 0)

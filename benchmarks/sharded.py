@@ -125,12 +125,12 @@ class _WriterTimers:
 
     STAGES = (
         ("encode", "fastbackup.format", None, "encode"),
-        ("write_part", "fastbackup.storage", "LocalStore", "write_part"),
-        ("commit", "fastbackup.storage", "LocalStore", "commit"),
+        ("write_part", "fastbackup.stores.local", "LocalStore", "write_part"),
+        ("commit", "fastbackup.stores.local", "LocalStore", "commit"),
         ("gather_parts", "fastbackup.coordination", "Coordinator", "gather"),
         ("wait_commit", "fastbackup.coordination", "Coordinator", "wait"),
-        ("prune", "fastbackup.parts", "ProcessParts", "prune"),
-        ("prune", "fastbackup.storage", "LocalStore", "prune"),
+        ("prune", "fastbackup.stores.parts", "ProcessParts", "prune"),
+        ("prune", "fastbackup.stores.local", "LocalStore", "prune"),
     )
 
     def __init__(self) -> None:

@@ -26,9 +26,10 @@ import pytest  # noqa: E402
 
 from benchmarks.machine import is_memory_fs  # noqa: E402
 from fastbackup import format as fmt  # noqa: E402
-from fastbackup import storage  # noqa: E402
 from fastbackup._compat import native  # noqa: E402
 from fastbackup.snapshot import HostSnapshot, Snapshotter  # noqa: E402
+from fastbackup.stores.local import LocalStore  # noqa: E402
+from fastbackup.stores.names import checkpoint_name  # noqa: E402
 
 PAYLOAD = 64 << 20
 ROUNDS = 8
@@ -117,15 +118,15 @@ def test_encode(benchmark: Any, level: int | None, content: str) -> None:
 
 @pytest.mark.parametrize("sync", [True, False], ids=["fsync", "nosync"])
 def test_native_commit(benchmark: Any, bench_dir: str, sync: bool) -> None:
-    """`storage.commit`: stream + CRC-32C, fdatasync, rename, directory fsync."""
+    """`LocalStore.commit`: stream + CRC-32C, fdatasync, rename, directory fsync."""
     snap = _snapshot_of([_weights_like(PAYLOAD).reshape(-1, 1024)])
     encoded = fmt.encode(snap, fmt.CompressionPolicy(None), 0)
     steps = iter(range(1, 1 << 30))
 
     def commit() -> None:
         step = next(steps)
-        storage.commit(bench_dir, step, encoded, sync=sync)
-        os.unlink(os.path.join(bench_dir, storage.checkpoint_name(step)))
+        LocalStore(bench_dir).commit(step, encoded, sync=sync)
+        os.unlink(os.path.join(bench_dir, checkpoint_name(step)))
 
     benchmark.extra_info["bytes"] = PAYLOAD
     benchmark.pedantic(commit, rounds=ROUNDS, warmup_rounds=1)

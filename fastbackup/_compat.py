@@ -15,7 +15,7 @@ _value = _raw.strip().lower()
 if _value in ("1", "true", "yes", "on"):
     from fastbackup import _pynative as native
 elif _value in ("", "0", "false", "no", "off"):
-    from fastbackup import _native as native  # type: ignore[attr-defined, no-redef]
+    from fastbackup import _native as native  # type: ignore[no-redef]
 else:
     # ConfigError lives in errors.py, which needs nothing from here.
     from fastbackup.errors import ConfigError

@@ -35,9 +35,12 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from fastbackup import storage
 from fastbackup.errors import CheckpointCorruptError, CheckpointMismatchError
 from fastbackup.format import CheckpointReader
+from fastbackup.stores.base import LocationStore
+from fastbackup.stores.local import LOCK_NAME, LocalStore
+from fastbackup.stores.location import is_url, open_store
+from fastbackup.stores.names import MODEL_CONFIG_NAME
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -59,11 +62,11 @@ class CommandFailed(Exception):
 class Target:
     """What a DIR argument designates."""
 
-    directory: str
+    location: str  # a directory, or a bucket URL
     checkpoints: list[tuple[int | None, str]]  # newest first
     temp_files: list[str]
     lock_file: bool
-    store: storage.Store
+    store: LocationStore
 
 
 def _resolve(path: str) -> Target:
@@ -73,7 +76,7 @@ def _resolve(path: str) -> Target:
         UsageError: `path` does not exist, or is a directory holding neither
             a checkpoint nor fastbackup's lock or temporary files.
     """
-    if storage.is_url(path):
+    if is_url(path):
         return _resolve_url(path)
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file or directory")
@@ -81,27 +84,27 @@ def _resolve(path: str) -> Target:
         # A single checkpoint, e.g. one copied out of its directory.
         directory = os.path.dirname(path) or "."
         return Target(directory, [(None, path)], [], False,
-                      storage.LocalStore(directory))
+                      LocalStore(directory))
     if not os.path.isdir(path):
         raise UsageError(f"{path}: not a directory or a checkpoint file")
-    store = storage.LocalStore(path)
+    store = LocalStore(path)
     try:
         checkpoints = store.list_checkpoints()
     except OSError as e:
         raise UsageError(f"{path}: cannot list the directory: {e}") from None
     temps = store.list_temp_files()
-    lock = os.path.exists(os.path.join(path, storage.LOCK_NAME))
+    lock = os.path.exists(os.path.join(path, LOCK_NAME))
     if not checkpoints and not temps and not lock:
         raise UsageError(
             f"{path}: not a fastbackup backup directory (it holds no "
-            f"ckpt-<step>.fbk checkpoint and no {storage.LOCK_NAME} file)"
+            f"ckpt-<step>.fbk checkpoint and no {LOCK_NAME} file)"
         )
     return Target(path, list(checkpoints), temps, lock, store)
 
 
 def _resolve_url(url: str) -> Target:
     try:
-        store = storage.open_store(url)
+        store = open_store(url)
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
@@ -183,7 +186,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _examine(store: storage.Store, path: str, verify: bool) -> Report:
+def _examine(store: LocationStore, path: str, verify: bool) -> Report:
     """Opens, describes and (optionally) fully verifies one checkpoint."""
     report = Report(file=path, status="unverified")
     try:
@@ -216,7 +219,7 @@ def _examine(store: storage.Store, path: str, verify: bool) -> Report:
                 # The state is in the parts, which the manifest vouches for.
                 from fastbackup import restore
 
-                parts = restore.Parts(store, reader)
+                parts = restore.ManifestParts(store, reader)
                 readers = parts.readers
             else:
                 readers = [reader]
@@ -374,11 +377,11 @@ def _exit_status(reports: list[Report]) -> int:
     return EXIT_DAMAGED if any(r.status == "damaged" for r in reports) else EXIT_OK
 
 
-def _model_config_report(store: storage.Store) -> dict[str, Any] | None:
+def _model_config_report(store: LocationStore) -> dict[str, Any] | None:
     """What the stored model config file says, for `inspect`."""
-    path = os.path.join(store.location, storage.MODEL_CONFIG_NAME)
+    path = os.path.join(store.location, MODEL_CONFIG_NAME)
     try:
-        data = store.read_object(storage.MODEL_CONFIG_NAME)
+        data = store.read_object(MODEL_CONFIG_NAME)
     except (OSError, ValueError) as e:
         return {"file": path, "error": str(e)}
     if data is None:
@@ -432,7 +435,7 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         json.dump(
             {
-                "directory": target.directory,
+                "directory": target.location,
                 "lock_file": target.lock_file,
                 "model_config": config,
                 "checkpoints": [r.as_json(now, True) for r in reports],
@@ -447,7 +450,7 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"checkpoint file {args.dir}\n\n")
     else:
         out.write(
-            f"backup directory {target.directory}: {len(reports)} "
+            f"backup directory {target.location}: {len(reports)} "
             f"checkpoint(s), newest first\n\n"
         )
         _print_model_config(config, out)
@@ -478,7 +481,7 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         json.dump(
             {
-                "directory": target.directory,
+                "directory": target.location,
                 "ok": not damaged,
                 "checkpoints": [r.as_json(0.0, False) for r in reports],
                 "newest_valid": None if newest is None else newest.file,
@@ -585,7 +588,7 @@ def _load_model(args: argparse.Namespace) -> Any:
     return _ready_for_export(model, source)
 
 
-def _stored_model(store: storage.Store, reader: CheckpointReader) -> Any:
+def _stored_model(store: LocationStore, reader: CheckpointReader) -> Any:
     """The model rebuilt from the config stored beside the checkpoints.
 
     Raises:
@@ -593,10 +596,10 @@ def _stored_model(store: storage.Store, reader: CheckpointReader) -> Any:
     """
     from fastbackup import model_config
 
-    path = os.path.join(store.location, storage.MODEL_CONFIG_NAME)
+    path = os.path.join(store.location, MODEL_CONFIG_NAME)
     hint = "; pass the model with --model or --model-factory"
     try:
-        data = store.read_object(storage.MODEL_CONFIG_NAME)
+        data = store.read_object(MODEL_CONFIG_NAME)
         if data is None:
             raise model_config.ModelConfigError(
                 f"{path} does not exist (the backup was written by a "

@@ -21,8 +21,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+from fastbackup import backend
 from fastbackup.errors import PeerError
 
 log = logging.getLogger("fastbackup")
@@ -35,35 +37,11 @@ _fits: dict[str, itertools.count[int]] = {}
 _fits_lock = threading.Lock()
 
 
-def job_client() -> tuple[Any, int, int] | None:
-    """`(client, process index, process count)` of a multi-process JAX job.
-
-    Returns:
-        `None` in a single-process job, or on another backend.
-    """
-    import keras
-
-    if keras.backend.backend() != "jax":
-        return None
-    import jax
-
-    if jax.process_count() <= 1:
-        return None
-    from jax._src import distributed
-
-    client = distributed.global_state.client
-    if client is None:
-        raise RuntimeError(
-            "jax.process_count() is "
-            f"{jax.process_count()} but JAX's distributed client is not "
-            "initialised: call jax.distributed.initialize() (or "
-            "keras.distribution.initialize()) before fit"
-        )
-    return client, jax.process_index(), jax.process_count()
-
-
 class Coordinator:
-    """One fit's view of the coordination service.
+    """One job's view of the coordination service, for one backup.
+
+    Its keys are those of the current fit (see the module docstring): it is
+    created at the start of a fit, and `next_fit` starts each later one.
 
     Args:
         client: JAX's `DistributedRuntimeClient`.
@@ -82,10 +60,19 @@ class Coordinator:
         self.count = count
         self.location = location
         self.timeout = timeout
-        backup = hashlib.sha256(location.encode()).hexdigest()[:16]
+        self._backup = hashlib.sha256(location.encode()).hexdigest()[:16]
+        self.namespace = ""
+        self.next_fit()
+
+    def next_fit(self) -> None:
+        """Moves to the keys of the next fit.
+
+        Every process calls it at the same point of the same program, so
+        they all draw the same fit number.
+        """
         with _fits_lock:
-            fit = next(_fits.setdefault(backup, itertools.count()))
-        self.namespace = f"fastbackup/{backup}/{fit}"
+            fit = next(_fits.setdefault(self._backup, itertools.count()))
+        self.namespace = f"fastbackup/{self._backup}/{fit}"
 
     @property
     def is_primary(self) -> bool:
@@ -187,6 +174,24 @@ class Coordinator:
         self.publish_mine(key, value)
         return self.gather(key, what)
 
+    def unanimous(self, key: str, what: str) -> Callable[[bool], bool]:
+        """A series of yes/no rounds that every process takes part in.
+
+        Args:
+            key: names the rounds.
+            what: what is voted on, for the error.
+
+        Returns:
+            A function that publishes this process's vote for the next round
+            and returns whether every process voted yes.
+        """
+        rounds = itertools.count(1)
+
+        def vote(yes: bool) -> bool:
+            return all(self.agree(f"{key}/{next(rounds)}", yes, what))
+
+        return vote
+
     def _check(
         self, deadline: float, what: str, cancel: threading.Event | None,
         cancelled: type[BaseException] | None,
@@ -211,8 +216,8 @@ class Coordinator:
 
 
 def coordinator(location: str, timeout: float) -> Coordinator | None:
-    """A `Coordinator` for one fit in a multi-process job, else `None`."""
-    job = job_client()
+    """A `Coordinator` in a multi-process job, else `None`."""
+    job = backend.current().job()
     if job is None:
         return None
     client, index, count = job

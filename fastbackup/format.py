@@ -29,7 +29,7 @@ page-aligned buffers to O_DIRECT as they are, without a bounce copy
 both versions.
 
 The flags say what kind of file it is. 0: a whole checkpoint. A
-multi-process job (`parts`) writes one file per process with `FLAG_PART`,
+multi-process job (`stores.parts`) writes one file per process with `FLAG_PART`,
 whose tensors are that process's shards (each entry then carries the
 variable's global shape and the shard's start), and commits them with a
 file of `FLAG_MANIFEST` that holds no tensor, only the training position
@@ -46,7 +46,8 @@ import os
 import re
 import struct
 import time
-from typing import TYPE_CHECKING, Any, BinaryIO
+from collections.abc import Sequence
+from typing import Any, BinaryIO, Protocol
 
 import msgpack
 import numpy as np
@@ -54,9 +55,6 @@ import zstandard
 
 from fastbackup._compat import native
 from fastbackup.errors import CheckpointCorruptError
-
-if TYPE_CHECKING:
-    from fastbackup.snapshot import HostSnapshot
 
 log = logging.getLogger("fastbackup")
 
@@ -282,8 +280,54 @@ class EncodedCheckpoint:
         return header + footer
 
 
+class TensorLayout(Protocol):
+    """What `encode` reads of one tensor's description."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def dtype(self) -> np.dtype: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def global_shape(self) -> tuple[int, ...] | None: ...
+    @property
+    def start(self) -> tuple[int, ...] | None: ...
+
+
+class Encodable(Protocol):
+    """What `encode` reads of a snapshot: tensors, their layout, position.
+
+    Declared here so that the format depends on no producer of snapshots:
+    `snapshot.HostSnapshot` is the one the writer hands in.
+    """
+
+    @property
+    def specs(self) -> Sequence[TensorLayout]: ...
+    @property
+    def arrays(self) -> Sequence[np.ndarray]: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def taken_at(self) -> float: ...
+    @property
+    def metadata(self) -> dict[str, Any]: ...
+    @property
+    def part(self) -> tuple[int, int] | None: ...
+
+    def padded_region(self, index: int) -> memoryview | None:
+        """Tensor `index`'s bytes and zero padding to a page multiple,
+        page-aligned, or `None` (see `HostSnapshot.padded_region`)."""
+
+
 def encode(
-    snapshot: HostSnapshot, policy: CompressionPolicy, step: int
+    snapshot: Encodable, policy: CompressionPolicy, step: int
 ) -> EncodedCheckpoint:
     """Prepares a snapshot for streaming; runs on the writer thread.
 

@@ -3,7 +3,7 @@
 A checkpoint holds variables, not the architecture they belong to, so
 exporting one used to need the model (`--model`, `--model-factory`). The
 callback therefore stores the model's Keras config once per `fit`, in a
-small JSON file of the backup directory (`storage.MODEL_CONFIG_NAME`); every
+small JSON file of the backup directory (`stores.names.MODEL_CONFIG_NAME`); every
 checkpoint of that `fit` records the file's CRC-32C (`extra.model_config`),
 which ties the two together and detects a damaged or foreign file.
 
@@ -17,12 +17,18 @@ say it too.
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from fastbackup._compat import native
+from fastbackup.stores.names import MODEL_CONFIG_NAME
 
 if TYPE_CHECKING:
     import keras
+
+    from fastbackup.stores.base import Store
+
+log = logging.getLogger("fastbackup")
 
 _FORMAT = 1
 
@@ -85,6 +91,33 @@ def describe(model: keras.Model) -> tuple[bytes, str | None]:
         "reason": reason,
     }
     return json.dumps(document).encode(), reason
+
+
+def store(target: Store, model: keras.Model) -> int | None:
+    """Writes `model`'s config into the backup, for `export`.
+
+    Args:
+        target: the backup's store, locked by this job.
+        model: a built Keras model.
+
+    Returns:
+        The CRC-32C of the file, for the checkpoints to record; `None` when
+        it could not be written.
+    """
+    data, not_stored = describe(model)
+    if not_stored:
+        log.info("fastbackup: the model's config is not stored, so "
+                 "`export` will need --model or --model-factory: %s",
+                 not_stored)
+    try:
+        target.write_object(MODEL_CONFIG_NAME, data)
+    except OSError as e:
+        # Only `export` needs it, and checkpoints that record no config
+        # make `export` ask for the model: training goes on.
+        log.warning("fastbackup: cannot write the model config (export "
+                    "will need --model or --model-factory): %s", e)
+        return None
+    return checksum(data)
 
 
 def checksum(data: bytes) -> int:

@@ -40,7 +40,6 @@ raises leaves the copy to finish and hand its snapshot to the writer.
 from __future__ import annotations
 
 import atexit
-import functools
 import logging
 import threading
 import time
@@ -50,24 +49,13 @@ from typing import Any
 
 import keras
 
+from fastbackup import backend
+
 log = logging.getLogger("fastbackup")
 
 # Instance attribute set on a gated optimizer's `apply`, pointing back to
 # the gate, so that a gate left behind by a `fit` that raised is found.
 _GATE_ATTR = "_fastbackup_update_gate"
-
-
-def _on_host(variable: Any) -> bool:
-    backend = keras.backend.backend()
-    value = variable.value
-    if backend == "torch":
-        return value.device.type == "cpu"
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        device = tf.DeviceSpec.from_string(value.device or "")
-        return device.device_type in (None, "CPU")
-    return False
 
 
 def unsupported_reason(model: keras.Model) -> str | None:
@@ -79,12 +67,10 @@ def unsupported_reason(model: keras.Model) -> str | None:
     Returns:
         A sentence naming the obstacle, or `None`.
     """
-    backend = keras.backend.backend()
-    if backend not in ("torch", "tensorflow"):
-        return (
-            f"the {backend} trainer donates the training state to each step, "
-            "so it cannot be read behind the step"
-        )
+    framework = backend.current()
+    obstacle = framework.overlap_obstacle(model)
+    if obstacle is not None:
+        return obstacle
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
         return "the model has no optimizer"
@@ -93,15 +79,51 @@ def unsupported_reason(model: keras.Model) -> str | None:
             "the train step is compiled (jit_compile=True) and cannot wait "
             "for a host thread"
         )
-    if backend == "tensorflow" and getattr(model, "_distribute_strategy", None):
+    # Only TensorFlow's models have a distribute strategy.
+    if getattr(model, "_distribute_strategy", None):
         return "the model trains under a tf.distribute strategy"
     for variable in list(model.variables) + list(optimizer.variables):
-        if not _on_host(variable):
+        if not framework.on_host(variable):
             return (
                 f"variable {variable.path} lives on "
                 f"{getattr(variable.value, 'device', '?')}, not on the host"
             )
     return None
+
+
+def gate_for(model: keras.Model, previous: UpdateGate | None) -> UpdateGate | None:
+    """The gate of `model`'s update for a `fit` with overlapped saves.
+
+    Args:
+        model: the model about to be trained.
+        previous: the gate of the callback's previous `fit`, reused (with
+            its gated train function: no retrace) if it gates the same
+            model and optimizer.
+
+    Returns:
+        The gate, installed; `None` where the update cannot be gated (the
+        reason is logged), and saves copy synchronously.
+    """
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.info("fastbackup: FASTBACKUP_OVERLAP=on, but saves copy "
+                 "synchronously: %s", reason)
+        return None
+    gate = previous
+    if gate is None or gate.model is not model or (
+        gate.optimizer is not model.optimizer
+    ):
+        gate = UpdateGate(model)
+    gate.install()
+    return gate
+
+
+def updated_by_apply(model: keras.Model) -> Callable[[Any], bool]:
+    """Picks the variables that change only inside `optimizer.apply`: those
+    an overlapped save copies behind the next step."""
+    ids = {id(v) for v in model.trainable_variables}
+    ids.update(id(v) for v in model.optimizer.variables)
+    return lambda variable: id(variable) in ids
 
 
 class UpdateGate:
@@ -150,6 +172,18 @@ class UpdateGate:
             self._checked = count
         return reason
 
+    def still_supported(self) -> bool:
+        """False, with the gate uninstalled and the reason logged, once the
+        variables created since the gate was installed rule it out (see
+        `recheck`); a copy error then stays stored for `pop_error`."""
+        reason = self.recheck()
+        if reason is None:
+            return True
+        log.info("fastbackup: saves copy synchronously from now on: %s",
+                 reason)
+        self.uninstall()
+        return False
+
     def install(self) -> None:
         """Wraps `optimizer.apply`; on TensorFlow, re-makes the train step."""
         if self._installed:
@@ -160,14 +194,10 @@ class UpdateGate:
             # A `fit` that raised skipped `on_train_end`: take its gate off.
             getattr(stale, _GATE_ATTR).uninstall()
         self._had_apply = optimizer.__dict__.get("apply")
-        original = optimizer.apply
-        if keras.backend.backend() == "tensorflow":
-            gated = self._tensorflow_apply(original)
-        else:
-            gated = self._python_apply(original)
+        gated = backend.current().gated_apply(optimizer.apply, self._hold)
         setattr(gated, _GATE_ATTR, self)
         optimizer.apply = gated
-        if keras.backend.backend() == "tensorflow":
+        if backend.current().retraces_for_gate:
             current = self.model.train_function
             if self._gated_function is not None and (
                 current is self._train_function
@@ -193,53 +223,10 @@ class UpdateGate:
             optimizer.apply = self._had_apply
         else:
             del optimizer.apply
-        if keras.backend.backend() == "tensorflow":
+        if backend.current().retraces_for_gate:
             self.model.train_function = self._train_function
         self._had_apply = None
         self._installed = False
-
-    def _python_apply(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def gated_apply(*args: Any, **kwargs: Any) -> Any:
-            self._hold()
-            return original(*args, **kwargs)
-
-        return gated_apply
-
-    def _tensorflow_apply(
-        self, original: Callable[..., Any]
-    ) -> Callable[..., Any]:
-        import tensorflow as tf
-
-        def hold() -> Any:
-            self._hold()
-            return True
-
-        @functools.wraps(original)
-        def gated_apply(grads: Any, trainable_variables: Any = None) -> Any:
-            if not tf.inside_function():
-                self._hold()
-                return original(grads, trainable_variables)
-            # The gate runs once the gradients exist: run earlier, it would
-            # hold one of TensorFlow's inter-op threads through the forward
-            # and backward passes.
-            computed = [
-                t for t in tf.nest.flatten(grads, expand_composites=True)
-                if t is not None
-            ]
-            with tf.control_dependencies(computed):
-                done = tf.numpy_function(
-                    hold, [], tf.bool, stateful=True,
-                    name="fastbackup_update_gate",
-                )
-            # Every op the update creates, reads included, runs after the
-            # copy; the gradients are routed through it as well, so that
-            # nothing of the update can be scheduled before.
-            with tf.control_dependencies([done]):
-                grads = [None if g is None else tf.identity(g) for g in grads]
-                return original(grads, trainable_variables)
-
-        return gated_apply
 
     # The copy -------------------------------------------------------------
 

@@ -4,7 +4,7 @@ Everything is verified before the model is touched: the file's checksums,
 and that every saved tensor matches a model variable by name, shape and
 dtype. A mismatch or damage never leaves a partially loaded model.
 
-A checkpoint is a whole file, or (from a multi-process job, see `parts`) a
+A checkpoint is a whole file, or (from a multi-process job, see `stores.parts`) a
 manifest naming one part per process, each holding shards of the
 variables. Either restores onto whatever layout the variables have now:
 each variable's value is built for the pieces of it this process holds
@@ -16,16 +16,19 @@ reads only the saved shards it needs, and holds only its own pieces.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 
-from fastbackup import storage
+from fastbackup import backend
 from fastbackup.errors import CheckpointCorruptError, CheckpointMismatchError
 from fastbackup.format import CheckpointReader, TensorEntry
 from fastbackup.snapshot import collect_variables, host_dtype
+from fastbackup.stores.base import LocationStore
+from fastbackup.stores.location import open_store
 
 log = logging.getLogger("fastbackup")
 
@@ -212,7 +215,7 @@ def _whole(reader: CheckpointReader) -> dict[str, _Saved]:
     return saved
 
 
-class Parts:
+class ManifestParts:
     """The parts a manifest names, opened and checked against it.
 
     Args:
@@ -224,7 +227,7 @@ class Parts:
             the manifest committed (another step, position or size).
     """
 
-    def __init__(self, store: storage.Store, manifest: CheckpointReader) -> None:
+    def __init__(self, store: LocationStore, manifest: CheckpointReader) -> None:
         self.readers: list[CheckpointReader] = []
         try:
             count = len(manifest.parts)
@@ -269,21 +272,18 @@ class Parts:
 
 
 def _wanted(variable: Any) -> tuple[Any, list[Region]] | None:
-    """The JAX sharding and regions this process holds of `variable`.
+    """The sharding and the regions this process holds of `variable`.
 
-    `None` where the variable takes a whole host array (every other
-    backend, and a single JAX process: Keras places the array itself).
+    `None` where the variable takes a whole host array (every backend but
+    JAX in a multi-process job: there Keras places the array itself).
     """
-    if keras.backend.backend() != "jax":
+    local = backend.current().local_shards(variable)
+    if local is None:
         return None
-    import jax
-
-    if jax.process_count() == 1:
-        return None
-    sharding = variable.value.sharding
+    sharding, indices = local
     shape = tuple(int(d) for d in variable.shape)
     regions: list[Region] = []
-    for index in sharding.addressable_devices_indices_map(shape).values():
+    for index in indices:
         region = _region_of(index, shape)
         if region not in regions:
             regions.append(region)
@@ -330,33 +330,32 @@ class _Prepared:
         # JAX may alias a host array instead of copying it; the mapped file
         # is closed after this, so JAX gets its own copy of every mapped
         # (read-only) view. Decoded tensors are private arrays already.
-        copy = keras.backend.backend() == "jax"
+        framework = backend.current()
         while self.values:
             variable, sharding, value = self.values.pop(0)
             if sharding is None:
-                if copy and not value.flags.writeable:
+                if framework.copies_mapped_views and not value.flags.writeable:
                     value = np.array(value)
                 variable.assign(value)
                 continue
-            import jax
-
             saved, regions, dtype = value
             pieces = {r: np.array(saved.region(r, dtype)) for r in regions}
             shape = tuple(int(d) for d in variable.shape)
-            variable.assign(jax.make_array_from_callback(
-                shape, sharding, lambda index: pieces[_region_of(index, shape)]
-            ))
+            framework.assign_shards(
+                variable, sharding,
+                lambda index: pieces[_region_of(index, shape)],
+            )
             del pieces
             saved.drop_views()
 
 
 def _prepare(
-    store: storage.Store, reader: CheckpointReader, model: keras.Model
-) -> tuple[_Prepared, Parts | None]:
+    store: LocationStore, reader: CheckpointReader, model: keras.Model
+) -> tuple[_Prepared, ManifestParts | None]:
     """Matches and verifies a checkpoint; nothing is assigned yet."""
     if not reader.is_manifest:
         return _Prepared(_match(reader.path, _whole(reader), model)), None
-    parts = Parts(store, reader)
+    parts = ManifestParts(store, reader)
     try:
         return _Prepared(_match(reader.path, parts.saved(), model)), parts
     except BaseException:
@@ -366,7 +365,7 @@ def _prepare(
 
 def read_state(
     reader: CheckpointReader, model: keras.Model,
-    store: storage.Store | None = None,
+    store: LocationStore | None = None,
 ) -> list[tuple[Any, np.ndarray]]:
     """Reads and verifies every variable of a checkpoint for `model`.
 
@@ -394,7 +393,7 @@ def read_state(
                 f"{reader.path} is the manifest of a multi-process "
                 "checkpoint: reading it needs the store of its parts"
             )
-        parts = Parts(store, reader)
+        parts = ManifestParts(store, reader)
         saved = parts.saved()
     else:
         saved = _whole(reader)
@@ -411,17 +410,36 @@ def read_state(
             parts.close()
 
 
+def make_ready(model: keras.Model) -> None:
+    """Builds what a restore loads into: the optimizer's variables.
+
+    Raises:
+        ValueError: the model is not built (Keras's callback's message).
+    """
+    if not model.built:
+        raise ValueError(
+            "To use the BackupAndRestore callback, "
+            "you model must be built before you call `fit()`. "
+            f"Model {model} is unbuilt. You can build it "
+            "beforehand by calling it on a batch of data."
+        )
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        # Make sure optimizer variables exist before loading.
+        optimizer.build(model.trainable_variables)
+
+
 def restore_latest(
-    directory: str | storage.Store,
+    location: str | os.PathLike[str] | LocationStore,
     model: keras.Model,
     fall_back: bool,
     agree: Callable[[bool], bool] | None = None,
 ) -> CheckpointReader | None:
-    """Restores the newest valid checkpoint of `directory` into `model`.
+    """Restores the newest valid checkpoint of `location` into `model`.
 
     Args:
-        directory: the backup location: a `storage.Store`, or a path or URL
-            for `storage.open_store`.
+        location: the backup location: its store, or a path or URL for
+            `stores.location.open_store`.
         model: a built model whose optimizer is built.
         fall_back: when the newest checkpoint is damaged, restore the
             previous one (`double_checkpoint=True`) instead of raising.
@@ -432,14 +450,14 @@ def restore_latest(
 
     Returns:
         The reader of the checkpoint restored (closed), or `None` when the
-        directory holds no checkpoint.
+        location holds no checkpoint.
 
     Raises:
         CheckpointCorruptError: the newest checkpoint is damaged and no
             fallback is allowed or available.
         CheckpointMismatchError: the checkpoint does not fit the model.
     """
-    store = storage.open_store(directory)
+    store = open_store(location)
     candidates = store.list_checkpoints()
     if not fall_back:
         candidates = candidates[:1]

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import keras
 import numpy as np
 
+from fastbackup import backend
 from fastbackup.format import ALIGNMENT, align_up, dtype_from_name
 
 log = logging.getLogger("fastbackup")
@@ -250,41 +251,6 @@ def host_dtype(variable: Any) -> np.dtype:
     return dtype_from_name(keras.backend.standardize_dtype(variable.dtype))
 
 
-def _read_tensorflow(variable: Any) -> np.ndarray:
-    # `read_value()` aliases the variable's buffer and `np.asarray` of an
-    # eager CPU tensor is a view: one copy in all, done by `copyto`.
-    tensor = variable.value.read_value()
-    if tensor.shape.rank == 0:
-        # TensorFlow cannot expose a 0-d bfloat16 tensor as an array; a
-        # scalar costs nothing to copy whatever its dtype.
-        return np.asarray(tensor.numpy())
-    return np.asarray(tensor)
-
-
-def _read_torch(variable: Any) -> np.ndarray:
-    tensor = variable.value.detach().cpu()
-    if str(tensor.dtype) == "torch.bfloat16":
-        # numpy has no bfloat16: reinterpret the bits as ml_dtypes' type.
-        import ml_dtypes
-        import torch
-
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-def _read_jax(variable: Any) -> np.ndarray:
-    # JAX arrays are immutable, so a view is consistent by construction.
-    return np.asarray(variable.value)
-
-
-def _backend_reader() -> Callable[[Any], np.ndarray]:
-    """Returns a function mapping a Keras variable to a host array view."""
-    return {
-        "tensorflow": _read_tensorflow,
-        "torch": _read_torch,
-    }.get(keras.backend.backend(), _read_jax)
-
-
 def _spec_of(name: str, variable: Any) -> TensorSpec:
     return TensorSpec(
         name=name,
@@ -300,20 +266,6 @@ class _Piece(NamedTuple):
     variable: Any
     read: Callable[[Any], np.ndarray]
     spec: TensorSpec
-
-
-def process_part() -> tuple[int, int] | None:
-    """`(process index, process count)` in a multi-process JAX job, else None.
-
-    Only there does a process address part of the state, so only there is
-    a snapshot a part (`format.FLAG_PART`).
-    """
-    if keras.backend.backend() != "jax":
-        return None
-    import jax
-
-    count = jax.process_count()
-    return (jax.process_index(), count) if count > 1 else None
 
 
 def _shard_pieces(name: str, variable: Any, process: int) -> list[_Piece]:
@@ -334,7 +286,7 @@ def _shard_pieces(name: str, variable: Any, process: int) -> list[_Piece]:
             return []
         spec = TensorSpec(f"{name}:0", path, dtype, global_shape, global_shape,
                           (0,) * len(global_shape))
-        return [_Piece(variable, _read_jax, spec)]
+        return [_Piece(variable, backend.current().read_host, spec)]
     shards = sorted(
         (s for s in value.addressable_shards if s.replica_id == 0),
         key=lambda s: s.device.id,
@@ -375,12 +327,12 @@ class Snapshotter:
 
     def __init__(self, model: keras.Model) -> None:
         self.model = model
-        self._read = _backend_reader()
+        self._read = backend.current().read_host
         self._variables: list[tuple[str, Any]] | None = None
         self._pieces: list[_Piece] | None = None
         # `(index, count)` of this process in a multi-process JAX job, whose
         # snapshots are parts holding this process's shards only.
-        self.part = process_part()
+        self.part = backend.current().process_part()
 
     def refresh(self) -> None:
         """Re-collects the variables (the optimizer may have been built)."""

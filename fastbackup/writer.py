@@ -2,7 +2,7 @@
 
 The training thread checks a host buffer out of a small pool, fills it (see
 `snapshot`) and submits it; the writer thread encodes it (`format`) and
-commits it (`storage`), then returns the buffer to the pool. The pool holds
+commits it (`stores`), then returns the buffer to the pool. The pool holds
 one or two buffers (`pool_size`), so host memory is bounded whatever the
 disk's speed. With two, a due save always finds a buffer: the free one, or
 the one whose snapshot still waits, which the newer state replaces. With
@@ -23,14 +23,17 @@ import atexit
 import collections
 import dataclasses
 import logging
+import os
+import statistics
 import threading
 import time
 import weakref
 
 from fastbackup import format as fmt
-from fastbackup import storage
 from fastbackup.errors import BackupWriteError
 from fastbackup.snapshot import HostSnapshot, TensorSpec
+from fastbackup.stores.base import Store, WriteCancelled
+from fastbackup.stores.location import open_store
 
 log = logging.getLogger("fastbackup")
 
@@ -96,6 +99,22 @@ class WriterStats:
     def compression_ratio(self) -> float:
         return self.raw_bytes / self.bytes_written if self.bytes_written else 1.0
 
+    def summary(self, blocking_seconds: list[float]) -> str:
+        """One line for the end of a verbose `fit`."""
+        blocking = (
+            statistics.median(blocking_seconds) * 1e3
+            if blocking_seconds else 0.0
+        )
+        last = (
+            f"step {self.last_durable[0]} (epoch {self.last_durable[1]}, "
+            f"batch {self.last_durable[2]})" if self.last_durable else "none"
+        )
+        return (
+            f"fastbackup: {self.saves} saves, {self.coalesced} coalesced, "
+            f"{self.bytes_written / 1e6:.1f} MB written, median blocking "
+            f"{blocking:.1f} ms/save, last durable {last}"
+        )
+
     @property
     def throughput(self) -> float:
         """Bytes per second of the durable writes, 0 before the first."""
@@ -118,8 +137,9 @@ class BackgroundWriter:
     """Owns the host-buffer pool and the writer thread of one callback.
 
     Args:
-        directory: the backup location: a `storage.Store`, or a path or URL
-            for `storage.open_store`.
+        location: where checkpoints go: a store (one process's
+            `ProcessParts` in a multi-process job), or a path or URL for
+            `stores.location.open_store`.
         policy: per-tensor compression decisions.
         keep: checkpoints to keep (2 with `double_checkpoint`).
         sync: fsync file and directory (off only for tmpfs benchmarks).
@@ -129,15 +149,16 @@ class BackgroundWriter:
 
     def __init__(
         self,
-        directory: str | storage.Store,
+        location: str | os.PathLike[str] | Store,
         policy: fmt.CompressionPolicy,
         keep: int,
         sync: bool = True,
         buffers: int = 1,
         direct: bool = False,
     ) -> None:
-        self.store = storage.open_store(directory)
-        self.directory = self.store.location
+        self.store = (
+            location if isinstance(location, Store) else open_store(location)
+        )
         self.policy = policy
         self.keep = keep
         self.sync = sync
@@ -287,6 +308,25 @@ class BackgroundWriter:
             error, self._error = self._error, None
         return error
 
+    def raise_error(self, warn_only: bool = False) -> None:
+        """Raises the writer's stored error on the training thread.
+
+        Args:
+            warn_only: log it instead (`FASTBACKUP_ON_ERROR=warn`): training
+                goes on without that checkpoint.
+
+        Raises:
+            BackupWriteError: a write failed since the last check.
+        """
+        error = self.check_error()
+        if error is None:
+            return
+        if warn_only:
+            log.warning("fastbackup: a checkpoint write failed; training "
+                        "goes on (FASTBACKUP_ON_ERROR=warn): %s", error)
+            return
+        raise as_write_error(error)
+
     def wait_until_finished(self, raise_errors: bool = True) -> None:
         """Blocks until every submitted snapshot is durable or has failed.
 
@@ -338,7 +378,7 @@ class BackgroundWriter:
                     slot.specs = None
                 else:
                     self._write(slot.snapshot, step)  # type: ignore[arg-type]
-            except storage.WriteCancelled:
+            except WriteCancelled:
                 log.debug("write of step %d abandoned", step)
             except BaseException as e:  # kept for the training thread
                 log.debug("background work failed: %r", e)

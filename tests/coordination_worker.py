@@ -25,14 +25,16 @@ import jax  # noqa: E402
 def main(workdir: str, index: int, port: int) -> dict:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2,
                                process_id=index, initialization_timeout=60)
+    import numpy as np
     from jax._src import distributed
 
-    import numpy as np
-
-    from fastbackup import coordination, format as fmt, storage
+    from fastbackup import coordination
+    from fastbackup import format as fmt
     from fastbackup.errors import PeerError
-    from fastbackup.parts import ProcessParts
     from fastbackup.snapshot import HostSnapshot, TensorSpec
+    from fastbackup.stores.base import WriteCancelled
+    from fastbackup.stores.local import LocalStore
+    from fastbackup.stores.parts import ProcessParts
 
     client = distributed.global_state.client
     result: dict = {}
@@ -60,14 +62,14 @@ def main(workdir: str, index: int, port: int) -> dict:
     threading.Timer(0.3, cancel.set).start()
     start = time.monotonic()
     try:
-        short.wait("never", "a key nobody sets", cancel, storage.WriteCancelled)
-    except storage.WriteCancelled:
+        short.wait("never", "a key nobody sets", cancel, WriteCancelled)
+    except WriteCancelled:
         result["cancelled_after"] = time.monotonic() - start
     c.agree("sync-2", True, "sync")
 
     # A checkpoint whose other part never comes: process 0 gives up at the
     # deadline, commits nothing, and says which process is missing.
-    store = storage.LocalStore(os.path.join(workdir, "backup"))
+    store = LocalStore(os.path.join(workdir, "backup"))
     os.makedirs(store.directory, exist_ok=True)
     if index == 0:
         parts = ProcessParts(store, fresh(2.0))

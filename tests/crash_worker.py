@@ -60,9 +60,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import fastbackup  # noqa: E402
-from fastbackup import storage  # noqa: E402
 from fastbackup._compat import native  # noqa: E402
 from fastbackup.snapshot import collect_variables  # noqa: E402
+from fastbackup.stores import local  # noqa: E402
 
 SEED = 20240611
 SAMPLES = 96
@@ -185,7 +185,7 @@ def _apply_write_mode(mode: str) -> None:
         native.set_failpoint("short_write", int(cap or SHORT_WRITE_BYTES), 0)
     if mode == "slow":
         real = native
-        storage.native = types.SimpleNamespace(
+        local.native = types.SimpleNamespace(
             AtomicFile=lambda d, n, sync=True, direct=False: _SlowAtomicFile(
                 real, d, n, sync, direct)
         )

@@ -152,9 +152,9 @@ def digests_by_batch():
 def parts_of(backup: str) -> dict:
     """What the committed checkpoint's parts hold (read from the files)."""
     from fastbackup import format as fmt
-    from fastbackup import storage
+    from fastbackup.stores.local import LocalStore
 
-    store = storage.LocalStore(backup)
+    store = LocalStore(backup)
     [(step, path)] = store.list_checkpoints()
     with fmt.CheckpointReader(path) as manifest:
         names = [p["name"] for p in manifest.parts]
@@ -256,10 +256,11 @@ def failing_part(workdir: str, x, y, fit) -> dict:
     import errno
 
     import fastbackup
-    from fastbackup import storage
+    from fastbackup.stores import local
+    from fastbackup.stores.local import LocalStore
 
     backup = os.path.join(workdir, "failing")
-    real = storage.write_file
+    real = local.write_file
     writes = [0]
 
     def write_file(directory, name, *args, **kwargs):
@@ -279,21 +280,21 @@ def failing_part(workdir: str, x, y, fit) -> dict:
     handler = Keep()
     logging.getLogger("fastbackup").addHandler(handler)
     os.environ["FASTBACKUP_ON_ERROR"] = "warn"
-    storage.write_file = write_file
+    local.write_file = write_file
     try:
         cb = fastbackup.BackupAndRestore(backup, save_freq=1,
                                          delete_checkpoint=False)
         model = make_model()
         model.fit(x, y, **{**fit, "epochs": 1}, callbacks=[cb])
     finally:
-        storage.write_file = real
+        local.write_file = real
         del os.environ["FASTBACKUP_ON_ERROR"]
         logging.getLogger("fastbackup").removeHandler(handler)
     return {
         "warnings": [w for w in warnings if "checkpoint write failed" in w],
         "saves": cb.stats.saves,
         "last_durable": list(cb.stats.last_durable or ()),
-        "committed": [s for s, _ in storage.LocalStore(backup).list_checkpoints()],
+        "committed": [s for s, _ in LocalStore(backup).list_checkpoints()],
     }
 
 
@@ -302,7 +303,7 @@ def scenario_data(workdir: str) -> dict:
     from keras import distribution
 
     import fastbackup
-    from fastbackup import storage
+    from fastbackup.stores.location import open_store
 
     # A bucket's URL (s3://...) is the backup itself.
     backup = workdir if "://" in workdir else os.path.join(workdir, "backup")
@@ -347,7 +348,7 @@ def scenario_data(workdir: str) -> dict:
         "restored_from": list(again.restored_from or ()),
         "resume_equals_uninterrupted": (
             local_state(resumed) == local_state(reference)),
-        "backup_deleted": not storage.open_store(backup).exists(),
+        "backup_deleted": not open_store(backup).exists(),
     }
 
 
@@ -355,14 +356,14 @@ def scenario_kill(workdir: str) -> dict:
     from keras import distribution
 
     import fastbackup
-    from fastbackup import storage
     from fastbackup._compat import native
+    from fastbackup.stores import local
 
     backup = os.path.join(workdir, "backup")
     kind = "model"
     x, y = data(kind)
     distribution.set_distribution(distribution_for(kind))
-    real = storage.write_file
+    real = local.write_file
     writes = [0]
 
     def write_file(directory, name, step, encoded, *args, **kwargs):
@@ -376,7 +377,7 @@ def scenario_kill(workdir: str) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(directory, name, step, encoded, *args, **kwargs)
 
-    storage.write_file = write_file
+    local.write_file = write_file
     cb = fastbackup.BackupAndRestore(backup, save_freq=1)
     try:
         make_model().fit(x, y, **fit_args(kind), callbacks=[cb])
@@ -391,7 +392,7 @@ def scenario_after_kill(workdir: str) -> dict:
     from keras import distribution
 
     import fastbackup
-    from fastbackup import storage
+    from fastbackup.stores.local import LocalStore
 
     backup = os.path.join(workdir, "backup")
     kind = "model"
@@ -399,7 +400,7 @@ def scenario_after_kill(workdir: str) -> dict:
     fit = fit_args(kind)
     distribution.set_distribution(distribution_for(kind))
     before = sorted(os.listdir(backup))
-    committed = [s for s, _ in storage.LocalStore(backup).list_checkpoints()]
+    committed = [s for s, _ in LocalStore(backup).list_checkpoints()]
     reference = make_model()
     record = digests_by_batch()
     reference.fit(x, y, **fit, callbacks=[record])

@@ -33,8 +33,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fastbackup  # noqa: E402
-from fastbackup import storage  # noqa: E402
 from fastbackup.format import CheckpointReader  # noqa: E402
+from fastbackup.stores.local import LocalStore  # noqa: E402
 
 BATCH = 8
 SAMPLES = 64
@@ -57,7 +57,7 @@ def model():
 
 def checkpoints(backup):
     out = []
-    for step, path in storage.list_checkpoints(backup):
+    for step, path in LocalStore(backup).list_checkpoints():
         with CheckpointReader(path) as reader:
             reader.verify()
             out.append([step, reader.epoch, reader.batch,
@@ -276,7 +276,7 @@ def mode_in_step(backup, progress_path):
     # Training stopped at the step boundary where the state was saved, so
     # the checkpoint must hold exactly the model's state now.
     final = all_state(m)
-    [(step, path)] = storage.list_checkpoints(backup)
+    [(step, path)] = LocalStore(backup).list_checkpoints()
     with CheckpointReader(path) as reader:
         reader.verify()
         saved = [np.array(reader.verified_view(e)) for e in reader.entries]

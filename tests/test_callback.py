@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import fastbackup
-from fastbackup import restore, storage
+from fastbackup import restore
 from fastbackup import writer as writer_lib
 from fastbackup.format import CheckpointReader
+from fastbackup.stores.local import LocalStore
 from tests.conftest import (
     TENSOR_BYTE,
     InterruptAt,
@@ -167,7 +168,7 @@ def test_epoch_saves_record_next_epoch(tmp_path):
     model = make_model()
     cb = fastbackup.BackupAndRestore(tmp_path, delete_checkpoint=False)
     model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[cb])
-    [(step, path)] = storage.list_checkpoints(str(tmp_path))
+    [(step, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     with CheckpointReader(path) as reader:
         assert (reader.epoch, reader.batch) == (3, 0)
     assert cb.stats.saves == 3 and step == 2
@@ -196,7 +197,7 @@ def test_save_freq_false_never_saves(tmp_path):
     cb = fastbackup.BackupAndRestore(tmp_path, save_freq=False,
                                      delete_checkpoint=False)
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
-    assert storage.list_checkpoints(str(tmp_path)) == []
+    assert LocalStore(str(tmp_path)).list_checkpoints() == []
     assert cb.stats.saves == 0
 
 
@@ -205,7 +206,7 @@ def test_delete_checkpoint_false_keeps_backup(tmp_path):
     model = make_model()
     model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[
         fastbackup.BackupAndRestore(tmp_path / "b", delete_checkpoint=False)])
-    assert len(storage.list_checkpoints(str(tmp_path / "b"))) == 1
+    assert len(LocalStore(str(tmp_path / "b")).list_checkpoints()) == 1
 
 
 def test_interrupted_fit_keeps_backup(tmp_path):
@@ -217,7 +218,7 @@ def test_interrupted_fit_keeps_backup(tmp_path):
             cb, InterruptAt(2)])
     # The last save may still be in flight when fit raises.
     cb.wait_until_finished()
-    [(step, path)] = storage.list_checkpoints(str(tmp_path / "b"))
+    [(step, path)] = LocalStore(str(tmp_path / "b")).list_checkpoints()
     with CheckpointReader(path) as reader:
         assert reader.epoch == 2
 
@@ -258,7 +259,7 @@ def _train_two_checkpoints(tmp_path):
     model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
     previous = all_state(model)
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
-    ckpts = storage.list_checkpoints(str(tmp_path))
+    ckpts = LocalStore(str(tmp_path)).list_checkpoints()
     assert [s for s, _ in ckpts] == [1, 0]
     return x, y, ckpts, previous
 
@@ -282,7 +283,7 @@ def test_damaged_checkpoint_raises_without_double_checkpoint(tmp_path, damage):
     model = make_model()
     model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[
         fastbackup.BackupAndRestore(tmp_path, delete_checkpoint=False)])
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     if damage == "flip":
         flip_byte(path, TENSOR_BYTE)
     else:
@@ -305,14 +306,14 @@ def test_snapshot_is_isolated_from_training_that_goes_on(tmp_path, monkeypatch):
     model.fit(x, y, epochs=1, batch_size=8, verbose=0)
     release = threading.Event()
     writing = threading.Event()
-    real_commit = storage.commit
+    real_commit = LocalStore.commit
 
     def slow_commit(*args, **kwargs):
         writing.set()
         assert release.wait(30)
         return real_commit(*args, **kwargs)
 
-    monkeypatch.setattr(storage, "commit", slow_commit)
+    monkeypatch.setattr(LocalStore, "commit", slow_commit)
     cb = fastbackup.BackupAndRestore(tmp_path, delete_checkpoint=False)
     cb.set_model(model)
     cb.on_train_begin()
@@ -335,10 +336,10 @@ def test_snapshot_is_isolated_from_training_that_goes_on(tmp_path, monkeypatch):
 
 
 def test_writer_error_is_raised_on_training_thread(tmp_path, monkeypatch):
-    def failing_commit(directory, step, encoded, sync, **kwargs):
-        raise OSError(28, "No space left on device", directory)
+    def failing_commit(store, step, encoded, sync, **kwargs):
+        raise OSError(28, "No space left on device", store.location)
 
-    monkeypatch.setattr(storage, "commit", failing_commit)
+    monkeypatch.setattr(LocalStore, "commit", failing_commit)
     x, y = make_data()
     model = make_model()
     cb = fastbackup.BackupAndRestore(tmp_path, save_freq=1)
@@ -348,10 +349,10 @@ def test_writer_error_is_raised_on_training_thread(tmp_path, monkeypatch):
 
 
 def test_writer_error_reaches_wait_until_finished(tmp_path, monkeypatch):
-    def failing_commit(directory, step, encoded, sync, **kwargs):
-        raise OSError(5, "Input/output error", directory)
+    def failing_commit(store, step, encoded, sync, **kwargs):
+        raise OSError(5, "Input/output error", store.location)
 
-    monkeypatch.setattr(storage, "commit", failing_commit)
+    monkeypatch.setattr(LocalStore, "commit", failing_commit)
     model = make_model()
     model.build((None, 6))
     cb = fastbackup.BackupAndRestore(tmp_path)
@@ -364,10 +365,10 @@ def test_writer_error_reaches_wait_until_finished(tmp_path, monkeypatch):
 
 
 def test_writer_error_can_be_a_warning(tmp_path, monkeypatch, caplog):
-    def failing_commit(directory, step, encoded, sync, **kwargs):
-        raise OSError(28, "No space left on device", directory)
+    def failing_commit(store, step, encoded, sync, **kwargs):
+        raise OSError(28, "No space left on device", store.location)
 
-    monkeypatch.setattr(storage, "commit", failing_commit)
+    monkeypatch.setattr(LocalStore, "commit", failing_commit)
     monkeypatch.setenv("FASTBACKUP_ON_ERROR", "warn")
     x, y = make_data()
     model = make_model()
@@ -382,13 +383,13 @@ def test_writer_error_can_be_a_warning(tmp_path, monkeypatch, caplog):
 def held_commits(monkeypatch):
     """Holds every checkpoint commit until the returned event is set."""
     release = threading.Event()
-    real_commit = storage.commit
+    real_commit = LocalStore.commit
 
     def slow_commit(*args, **kwargs):
         release.wait(30)
         return real_commit(*args, **kwargs)
 
-    monkeypatch.setattr(storage, "commit", slow_commit)
+    monkeypatch.setattr(LocalStore, "commit", slow_commit)
     yield release
     release.set()
 
@@ -412,7 +413,7 @@ def test_busy_writer_coalesces_instead_of_blocking(tmp_path, monkeypatch,
     # step, the last due state was written at the end.
     assert cb.stats.coalesced >= 6
     assert cb.stats.saves == 2
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     with CheckpointReader(path) as reader:
         # The save that fell due last was made at the end of training,
         # after the epoch completed.
@@ -424,12 +425,12 @@ def test_pending_snapshot_writes_flush_at_interpreter_exit(tmp_path):
 import os, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np, keras, fastbackup
-from fastbackup import storage
-real = storage.commit
+from fastbackup.stores.local import LocalStore
+real = LocalStore.commit
 def slow(*a, **k):
     time.sleep(1.0)
     return real(*a, **k)
-storage.commit = slow
+LocalStore.commit = slow
 model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
 model.compile("adam", "mse")
 cb = fastbackup.BackupAndRestore({str(tmp_path)!r})
@@ -443,7 +444,7 @@ model.fit(np.ones((4, 4)), np.ones((4, 2)), epochs=3, verbose=0,
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     with CheckpointReader(path) as reader:
         assert reader.epoch == 1
         reader.verify()
@@ -525,7 +526,7 @@ def test_small_state_takes_every_due_save_at_once(tmp_path, held_commits):
     assert cb._get_writer().buffers == 2
     release.set()
     cb.wait_until_finished()
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     with CheckpointReader(path) as reader:
         assert (reader.epoch, reader.batch) == (0, 2)
         saved = [v for _, v in restore.read_state(reader, model)]

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 import fastbackup
-from fastbackup import cli, storage
+from fastbackup import cli
 from fastbackup import format as fmt
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import HostSnapshot, TensorSpec, collect_variables
+from fastbackup.stores.local import LOCK_NAME, LocalStore
+from fastbackup.stores.names import MODEL_CONFIG_NAME, checkpoint_name
 from tests.conftest import TENSOR_BYTE, flip_byte, make_data, make_model
 
 # Helpers ---------------------------------------------------------------------
@@ -35,7 +37,7 @@ def trained_dir(tmp_path_factory):
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
         fastbackup.BackupAndRestore(directory, double_checkpoint=True,
                                     delete_checkpoint=False)])
-    assert [s for s, _ in storage.list_checkpoints(str(directory))] == [1, 0]
+    assert [s for s, _ in LocalStore(str(directory)).list_checkpoints()] == [1, 0]
     return directory
 
 
@@ -48,7 +50,7 @@ def backup(trained_dir, tmp_path):
 
 
 def checkpoint_path(directory, step):
-    return os.path.join(directory, storage.checkpoint_name(step))
+    return os.path.join(directory, checkpoint_name(step))
 
 
 def read_checkpoint(path) -> dict[str, np.ndarray]:
@@ -71,7 +73,7 @@ def write_checkpoint(directory, step, arrays, epoch=0, batch=0, policy=None):
                             taken_at=time.time())
     os.makedirs(directory, exist_ok=True)
     encoded = fmt.encode(snapshot, policy or fmt.CompressionPolicy(None), step)
-    return storage.commit(str(directory), step, encoded, sync=False).path
+    return LocalStore(str(directory)).commit(step, encoded, sync=False).path
 
 
 def run(capsys, *argv):
@@ -237,7 +239,7 @@ def test_verify_reports_temp_files_without_deleting_them(backup, capsys):
 
 
 def test_verify_directory_with_only_a_lock_file(tmp_path, capsys):
-    (tmp_path / storage.LOCK_NAME).write_text("123")
+    (tmp_path / LOCK_NAME).write_text("123")
     code, out, _ = run(capsys, "verify", tmp_path)
     assert code == 0
     assert "0 checkpoint(s)" in out and "no checkpoint" in out
@@ -435,7 +437,7 @@ def test_export_refuses_a_mismatched_model(backup, tmp_path, capsys, factory):
 
 def test_export_with_only_a_lock_file_fails(tmp_path, capsys, factory):
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / storage.LOCK_NAME).write_text("1")
+    (tmp_path / "b" / LOCK_NAME).write_text("1")
     code, _, err = run(capsys, "export", tmp_path / "b",
                        tmp_path / "o.weights.h5",
                        "--model-factory", f"{factory}:build")
@@ -546,7 +548,7 @@ def test_export_of_a_subclassed_model_asks_for_the_model(tmp_path, capsys,
 
 def test_export_refuses_a_damaged_or_foreign_model_config(backup, tmp_path,
                                                           capsys):
-    config = backup / storage.MODEL_CONFIG_NAME
+    config = backup / MODEL_CONFIG_NAME
     data = config.read_bytes()
     config.write_bytes(data.replace(b'"Sequential"', b'"Sequentia1"', 1))
     out_file = tmp_path / "out.weights.h5"
@@ -561,13 +563,13 @@ def test_export_refuses_a_damaged_or_foreign_model_config(backup, tmp_path,
 
 def test_model_config_is_written_once_per_fit(tmp_path, monkeypatch):
     writes = []
-    real = storage.LocalStore.write_object
+    real = LocalStore.write_object
 
     def counting(store, name, data):
         writes.append(store.directory)
         return real(store, name, data)
 
-    monkeypatch.setattr(storage.LocalStore, "write_object", counting)
+    monkeypatch.setattr(LocalStore, "write_object", counting)
     x, y = make_data()
     model = make_model()
     cb = fastbackup.BackupAndRestore(tmp_path, save_freq=1,
@@ -586,7 +588,7 @@ def test_inspect_json_describes_the_model_config(backup, capsys):
     config = document["model_config"]
     assert config["class_name"] == "Sequential" and config["stored"] is True
     assert config["keras_version"] == keras.__version__
-    assert config["file"].endswith(storage.MODEL_CONFIG_NAME)
+    assert config["file"].endswith(MODEL_CONFIG_NAME)
     for checkpoint in document["checkpoints"]:
         assert checkpoint["extra"]["model_config"] == config["crc32c"]
 

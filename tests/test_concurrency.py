@@ -12,9 +12,9 @@ import keras
 import pytest
 
 import fastbackup
-from fastbackup import storage
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import collect_variables
+from fastbackup.stores.local import LocalStore
 from tests.conftest import (
     all_state,
     assert_state_equal,
@@ -69,7 +69,7 @@ def test_second_process_is_refused_and_writes_nothing(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "HOLDING", holder.stderr.read()
         before = _listing(backup)
-        assert storage.list_checkpoints(backup)  # the holder has saved
+        assert LocalStore(backup).list_checkpoints()  # the holder has saved
         x, y = make_data(n=48)
         model = make_model()
         model.build((None, 6))
@@ -98,7 +98,7 @@ def test_second_process_is_refused_and_writes_nothing(tmp_path):
             holder.wait()
     # Only the holder's files: its newest checkpoint, complete, the last one
     # it made, and its sequence numbers 0..saves-1 were all its own.
-    [(step, path)] = storage.list_checkpoints(backup)
+    [(step, path)] = LocalStore(backup).list_checkpoints()
     assert step == last_step == saves - 1
     with CheckpointReader(path) as reader:
         reader.verify()
@@ -160,7 +160,7 @@ def test_second_thread_is_refused_while_the_first_trains(tmp_path):
     assert isinstance(outcome["b"], fastbackup.BackupDirLockedError), outcome
     assert_state_equal(all_state(model_b, metrics=False), untouched_b)
     # The directory holds A's final state only, never B's.
-    [(step, path)] = storage.list_checkpoints(backup)
+    [(step, path)] = LocalStore(backup).list_checkpoints()
     assert step == cb_a.stats.last_durable[0] == cb_a.stats.saves - 1
     names = [n for n, _ in collect_variables(model_a)]
     expected = dict(zip(names, all_state(model_a)))

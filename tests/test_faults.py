@@ -26,11 +26,19 @@ import numpy as np
 import pytest
 
 import fastbackup
-from fastbackup import storage
 from fastbackup._compat import native
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import collect_variables
-from tests.conftest import all_state, assert_state_equal, fresh_model, make_data, make_model
+from fastbackup.stores import locks
+from fastbackup.stores.local import LOCK_NAME, LocalStore
+from fastbackup.stores.names import MODEL_CONFIG_NAME
+from tests.conftest import (
+    all_state,
+    assert_state_equal,
+    fresh_model,
+    make_data,
+    make_model,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -66,14 +74,14 @@ def _first_epoch(backup, **kwargs):
     model = _model()
     cb = fastbackup.BackupAndRestore(backup, delete_checkpoint=False, **kwargs)
     model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
-    assert [s for s, _ in storage.list_checkpoints(str(backup))] == [0]
+    assert [s for s, _ in LocalStore(str(backup)).list_checkpoints()] == [0]
     names = [name for name, _ in collect_variables(model)]
     return model, (x, y), cb, dict(zip(names, all_state(model)))
 
 
 def _assert_checkpoint_a_intact(backup, state_a, steps=(0,)):
     """A (step 0, epoch 1) is present, verifies, and holds state A bitwise."""
-    ckpts = storage.list_checkpoints(str(backup))
+    ckpts = LocalStore(str(backup)).list_checkpoints()
     assert [s for s, _ in ckpts] == list(steps)
     with CheckpointReader(dict(ckpts)[0]) as reader:
         reader.verify()
@@ -91,9 +99,9 @@ def _assert_checkpoint_a_intact(backup, state_a, steps=(0,)):
 def _release(backup):
     # A fit that raised never reached on_train_end: drop its lock so that a
     # mount can be unmounted.
-    held = storage._held.get(os.path.realpath(str(backup)))
+    held = locks.held(os.path.realpath(str(backup)))
     if held is not None and held.owner() is not None:
-        storage.release_lock(str(backup), held.owner())
+        LocalStore(str(backup)).release_lock(held.owner())
 
 
 class _AtEpochBegin(keras.callbacks.Callback):
@@ -222,7 +230,7 @@ def test_fsync_failure_is_never_followed_by_trusting_the_data(tmp_path, caplog):
     assert len(history.history["loss"]) == 2  # epochs 1 and 2 trained
     assert "training goes on" in caplog.text and "Input/output error" in caplog.text
     # Step 1 (the fsync failure) never appeared; step 2 is the epoch-3 state.
-    ckpts = storage.list_checkpoints(str(backup))
+    ckpts = LocalStore(str(backup)).list_checkpoints()
     assert [s for s, _ in ckpts] == [2]
     with CheckpointReader(ckpts[0][1]) as reader:
         reader.verify()
@@ -256,7 +264,7 @@ def test_failed_write_with_warn_keeps_training(tmp_path, monkeypatch, caplog,
                                        inspect])
     assert inspect.ran and len(history.history["loss"]) == 2
     assert "a checkpoint write failed" in caplog.text
-    [(step, path)] = storage.list_checkpoints(str(backup))
+    [(step, path)] = LocalStore(str(backup)).list_checkpoints()
     with CheckpointReader(path) as reader:
         reader.verify()
         assert (step, reader.epoch) == (2, 3)
@@ -292,7 +300,7 @@ def test_short_writes_still_give_an_exact_checkpoint(tmp_path):
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
     native.clear_failpoints()
     expected = all_state(model)
-    [(_, path)] = storage.list_checkpoints(str(backup))
+    [(_, path)] = LocalStore(str(backup)).list_checkpoints()
     assert cb.stats.bytes_written // cb.stats.saves > 7 * 100
     assert os.path.getsize(path) == cb.stats.bytes_written // cb.stats.saves
     fresh = fresh_model()
@@ -336,7 +344,7 @@ def test_backup_dir_removed_during_training_warns(tmp_path, monkeypatch, caplog)
     # (A new model: Keras keeps a restored `_initial_epoch` on the old one.)
     _model().fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[
         fastbackup.BackupAndRestore(backup, delete_checkpoint=False)])
-    assert [s for s, _ in storage.list_checkpoints(str(backup))] == [0]
+    assert [s for s, _ in LocalStore(str(backup)).list_checkpoints()] == [0]
 
 
 def test_backup_dir_removed_between_fits_of_one_callback(tmp_path):
@@ -355,8 +363,8 @@ def test_backup_dir_removed_between_fits_of_one_callback(tmp_path):
     cb.wait_until_finished()
     shutil.rmtree(backup)
     model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
-    assert [s for s, _ in storage.list_checkpoints(str(backup))] == [0]
-    assert os.path.exists(os.path.join(backup, storage.LOCK_NAME))
+    assert [s for s, _ in LocalStore(str(backup)).list_checkpoints()] == [0]
+    assert os.path.exists(os.path.join(backup, LOCK_NAME))
     cb.on_train_end()
 
 
@@ -430,7 +438,7 @@ def test_real_enospc_on_a_full_tmpfs(small_tmpfs, monkeypatch, caplog, on_error)
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
         fastbackup.BackupAndRestore(backup, delete_checkpoint=False,
                                     save_freq=1)])
-    [(step, path)] = storage.list_checkpoints(str(backup))
+    [(step, path)] = LocalStore(str(backup)).list_checkpoints()
     with CheckpointReader(path) as reader:
         reader.verify()
         assert step > 0 and reader.epoch == 1
@@ -532,9 +540,9 @@ def test_model_config_write_failure_only_costs_export_its_config(tmp_path,
     assert "cannot write the model config" in caplog.text
     assert "Input/output error" in caplog.text
     assert cb.stats.saves == 1
-    assert not (backup / storage.MODEL_CONFIG_NAME).exists()
+    assert not (backup / MODEL_CONFIG_NAME).exists()
     assert _temp_files(backup) == []
-    [(_, path)] = storage.list_checkpoints(str(backup))
+    [(_, path)] = LocalStore(str(backup)).list_checkpoints()
     with CheckpointReader(path) as reader:
         reader.verify()
         assert "model_config" not in reader.meta["extra"]

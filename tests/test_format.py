@@ -22,11 +22,13 @@ import zstandard
 
 import fastbackup
 from fastbackup import format as fmt
-from fastbackup import restore, storage
+from fastbackup import restore
 from fastbackup._compat import native
 from fastbackup.errors import CheckpointCorruptError
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import HostSnapshot, TensorSpec, collect_variables
+from fastbackup.stores.local import LocalStore
+from fastbackup.stores.names import checkpoint_name
 from tests.conftest import (
     all_state,
     assert_state_equal,
@@ -43,7 +45,7 @@ from tests.conftest import (
 # header repeats them under its checksum; version 1 has none).
 
 # A version 1 file written by the version 1 encoder (fastbackup at commit
-# 1c8cce0, `format.encode` + `storage.commit`) from `_snapshot()` with
+# 1c8cce0, `format.encode` + `LocalStore.commit`) from `_snapshot()` with
 # `taken_at=1700000000.25`, step 3, zstd level 1 with every tensor that
 # shrinks compressed (so optimizer.1 is a zstd frame).
 V1_FILE = os.path.join(os.path.dirname(__file__), "data", "v1-step3.fbk")
@@ -87,9 +89,9 @@ def good(request, tmp_path):
     snap = _snapshot()
     if request.param == "v2":
         encoded = fmt.encode(snap, _AlwaysCompress(1), step=3)
-        path = storage.commit(str(tmp_path), 3, encoded, sync=False).path
+        path = LocalStore(str(tmp_path)).commit(3, encoded, sync=False).path
     else:
-        path = str(tmp_path / storage.checkpoint_name(3))
+        path = str(tmp_path / checkpoint_name(3))
         with open(V1_FILE, "rb") as src, open(path, "wb") as dst:
             dst.write(src.read())
     data = open(path, "rb").read()
@@ -606,7 +608,7 @@ def test_v2_zstd_tensor_padding(tmp_path):
 def test_written_file_is_aligned(tmp_path):
     snap = _snapshot()
     encoded = fmt.encode(snap, _AlwaysCompress(1), step=3)
-    path = storage.commit(str(tmp_path), 3, encoded, sync=False).path
+    path = LocalStore(str(tmp_path)).commit(3, encoded, sync=False).path
     data = open(path, "rb").read()
     with CheckpointReader(path) as reader:
         assert reader.version == fmt.VERSION == 2
@@ -719,7 +721,7 @@ def two_checkpoints(tmp_path_factory):
     first = all_state(model)
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
     newest = all_state(model)
-    assert [s for s, _ in storage.list_checkpoints(str(backup))] == [1, 0]
+    assert [s for s, _ in LocalStore(str(backup)).list_checkpoints()] == [1, 0]
     files = {name: open(os.path.join(backup, name), "rb").read()
              for name in os.listdir(backup) if name.endswith(".fbk")}
     return files, first, newest
@@ -741,7 +743,7 @@ def test_restore_level_damage(tmp_path, two_checkpoints):
     outcomes = {}
     for i, kind in enumerate(DAMAGE):
         backup = _backup_from(tmp_path / str(i), files)
-        newest_path, previous_path = [p for _, p in storage.list_checkpoints(backup)]
+        newest_path, previous_path = [p for _, p in LocalStore(backup).list_checkpoints()]
         _damage(newest_path, kind)
         # Without double_checkpoint: an error, never a silent fresh start,
         # and the model is not touched.
@@ -768,7 +770,7 @@ def test_damaged_newest_through_the_callback(tmp_path, two_checkpoints):
     files, first, _ = two_checkpoints
     x, y = make_data(n=16)
     backup = _backup_from(tmp_path, files)
-    newest_path = storage.list_checkpoints(backup)[0][1]
+    newest_path = LocalStore(backup).list_checkpoints()[0][1]
     _damage(newest_path, "truncate_half")
     model = fresh_model()
     with pytest.raises(CheckpointCorruptError):

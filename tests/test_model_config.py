@@ -8,7 +8,9 @@ import keras
 import numpy as np
 import pytest
 
-from fastbackup import model_config, storage
+from fastbackup import model_config
+from fastbackup.stores.local import LocalStore
+from fastbackup.stores.names import MAX_OBJECT_BYTES, MODEL_CONFIG_NAME
 from tests.conftest import make_model
 
 
@@ -100,24 +102,24 @@ def test_rebuild_refuses_an_unknown_class():
 
 
 def test_storage_writes_and_reads_it_atomically(tmp_path):
-    store = storage.LocalStore(tmp_path)
-    assert store.read_object(storage.MODEL_CONFIG_NAME) is None
-    store.write_object(storage.MODEL_CONFIG_NAME, b"{}")
-    store.write_object(storage.MODEL_CONFIG_NAME, b'{"a": 1}')
-    assert store.read_object(storage.MODEL_CONFIG_NAME) == b'{"a": 1}'
+    store = LocalStore(tmp_path)
+    assert store.read_object(MODEL_CONFIG_NAME) is None
+    store.write_object(MODEL_CONFIG_NAME, b"{}")
+    store.write_object(MODEL_CONFIG_NAME, b'{"a": 1}')
+    assert store.read_object(MODEL_CONFIG_NAME) == b'{"a": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        storage.MODEL_CONFIG_NAME
+        MODEL_CONFIG_NAME
     ]
 
 
 def test_a_killed_writer_s_temp_file_is_cleaned(tmp_path):
-    leftover = tmp_path / f".{storage.MODEL_CONFIG_NAME}.0123456789abcdef.tmp"
+    leftover = tmp_path / f".{MODEL_CONFIG_NAME}.0123456789abcdef.tmp"
     leftover.write_bytes(b"{")
-    assert storage.remove_temp_files(str(tmp_path)) == [str(leftover)]
+    assert LocalStore(str(tmp_path)).remove_temp_files() == [str(leftover)]
 
 
 def test_storage_refuses_an_oversized_file(tmp_path):
-    with open(tmp_path / storage.MODEL_CONFIG_NAME, "wb") as f:
-        f.truncate(storage.MAX_OBJECT_BYTES + 1)
+    with open(tmp_path / MODEL_CONFIG_NAME, "wb") as f:
+        f.truncate(MAX_OBJECT_BYTES + 1)
     with pytest.raises(ValueError, match="not an object fastbackup wrote"):
-        storage.LocalStore(tmp_path).read_object(storage.MODEL_CONFIG_NAME)
+        LocalStore(tmp_path).read_object(MODEL_CONFIG_NAME)

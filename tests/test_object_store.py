@@ -1,4 +1,4 @@
-"""Backups in an object store: `fastbackup.object_store` against a real S3
+"""Backups in an object store: `fastbackup.stores.object_store` against a real S3
 server (moto, its own process on 127.0.0.1), end to end with Keras models,
 under faults injected by a proxy, and across `kill -9`."""
 
@@ -23,18 +23,23 @@ import pytest
 
 import fastbackup
 from fastbackup import format as fmt
-from fastbackup import object_store, storage
 from fastbackup.errors import BackupDirLockedError, BackupWriteError
 from fastbackup.snapshot import HostSnapshot, TensorSpec
+from fastbackup.stores import locks, object_store
+from fastbackup.stores.base import WriteCancelled
+from fastbackup.stores.local import LocalStore
+from fastbackup.stores.location import open_store
+from fastbackup.stores.names import MODEL_CONFIG_NAME, part_name
 from tests.conftest import (
+    TENSOR_BYTE,
     InterruptAt,
     all_state,
     assert_state_equal,
     fresh_model,
     make_data,
     make_model,
+    worker_env,
 )
-from tests.conftest import TENSOR_BYTE, worker_env
 from tests.object_servers import list_multipart_uploads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,18 +83,18 @@ def test_unsupported_url_raises_and_creates_nothing(tmp_path, monkeypatch, url):
                                  "s3://bucket/a/../b", "s3://B_AD/x"])
 def test_object_url_needs_bucket_and_own_prefix(url):
     with pytest.raises(ValueError, match="Received: backup_dir="):
-        storage.open_store(url)
+        open_store(url)
 
 
 def test_open_store_picks_one_store_per_kind(tmp_path, s3_url):
-    assert isinstance(storage.open_store(str(tmp_path)), storage.LocalStore)
-    local = storage.open_store(f"file://{tmp_path}")
-    assert isinstance(local, storage.LocalStore)
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    local = open_store(f"file://{tmp_path}")
+    assert isinstance(local, LocalStore)
     assert local.directory == str(tmp_path)
-    s3 = storage.open_store(s3_url + "/")
+    s3 = open_store(s3_url + "/")
     assert isinstance(s3, object_store.ObjectStore)
     assert s3.location == s3_url
-    assert storage.open_store(s3) is s3
+    assert open_store(s3) is s3
 
 
 @pytest.mark.parametrize("name", ["FASTBACKUP_LEASE_SECONDS",
@@ -108,11 +113,11 @@ def test_commit_is_the_same_file_as_on_disk(tmp_path, s3_url, monkeypatch):
     # Larger than a part: a multipart upload with parts in flight together.
     monkeypatch.setattr(object_store, "PART_BYTES", 5 << 20)
     encoded = _encoded(3, n=3 << 20)  # 12 MiB + 24 MiB
-    store = storage.open_store(s3_url)
+    store = open_store(s3_url)
     result = store.commit(3, encoded, sync=True)
     assert result.path == f"{s3_url}/ckpt-000000000003.fbk"
     assert store.list_checkpoints() == [(3, result.path)]
-    local = storage.commit(str(tmp_path), 3, _encoded(3, n=3 << 20), sync=False)
+    local = LocalStore(str(tmp_path)).commit(3, _encoded(3, n=3 << 20), sync=False)
     with open(local.path, "rb") as f:
         on_disk = f.read()
     assert result.nbytes == len(on_disk)
@@ -127,7 +132,7 @@ def test_commit_is_the_same_file_as_on_disk(tmp_path, s3_url, monkeypatch):
 
 
 def test_small_commit_and_prune_keep_the_record_first(s3_url):
-    store = storage.open_store(s3_url)
+    store = open_store(s3_url)
     assert store.list_checkpoints() == [] and not store.exists()
     for step in range(3):
         store.commit(step, _encoded(step), sync=True)
@@ -139,7 +144,7 @@ def test_small_commit_and_prune_keep_the_record_first(s3_url):
 
 
 def test_uncommitted_objects_are_removed_committed_kept(s3_url):
-    store = storage.open_store(s3_url)
+    store = open_store(s3_url)
     store.commit(0, _encoded(0), sync=True)
     # A writer killed between its data object and the commit record.
     obstore.put(store.client, store._key("ckpt-000000000001.fbk"), b"partial")
@@ -152,14 +157,14 @@ def test_uncommitted_objects_are_removed_committed_kept(s3_url):
 
 def test_cancelled_upload_leaves_nothing(s3_url, monkeypatch):
     monkeypatch.setattr(object_store, "PART_BYTES", 5 << 20)
-    store = storage.open_store(s3_url)
+    store = open_store(s3_url)
     store.commit(0, _encoded(0), sync=True)
     encoded = _encoded(1, n=3 << 20)
     cancel = threading.Event()
     # Cancelled after the first segment went out: mid multipart upload.
     real = encoded.segments
     encoded.segments = [real[0], real[1], _SetOnLen(real[2], cancel)]
-    with pytest.raises(storage.WriteCancelled):
+    with pytest.raises(WriteCancelled):
         store.commit(1, encoded, sync=True, cancel=cancel)
     assert _names(store) == ["COMMITTED", "ckpt-000000000000.fbk"]
     assert list_multipart_uploads(os.environ["AWS_ENDPOINT_URL"],
@@ -180,8 +185,8 @@ class _SetOnLen(bytes):
 
 
 def test_small_objects_roundtrip_and_go_with_the_backup(s3_url, tmp_path):
-    for store in (storage.open_store(s3_url),
-                  storage.open_store(str(tmp_path / "b"))):
+    for store in (open_store(s3_url),
+                  open_store(str(tmp_path / "b"))):
         owner = _Owner()
         store.acquire_lock(owner, owner.flush)
         assert store.read_object("model-config.json") is None
@@ -197,7 +202,7 @@ def test_small_objects_roundtrip_and_go_with_the_backup(s3_url, tmp_path):
 
 
 def test_damaged_commit_record_is_an_error_naming_it(s3_url):
-    store = storage.open_store(s3_url)
+    store = open_store(s3_url)
     obstore.put(store.client, store._key("COMMITTED"), b"{not json")
     with pytest.raises(OSError, match="commit record is damaged") as info:
         store.list_checkpoints()
@@ -209,11 +214,14 @@ def test_damaged_commit_record_is_an_error_naming_it(s3_url):
 _HOLDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
-    from fastbackup import storage
+    from fastbackup.stores.local import LocalStore
+    from fastbackup.stores.names import MODEL_CONFIG_NAME, part_name
+    from fastbackup.stores.location import open_store
+    from fastbackup.stores.base import WriteCancelled
     class Owner:
         def flush(self): pass
     owner = Owner()
-    store = storage.open_store({url!r}, lease_seconds={lease})
+    store = open_store({url!r}, lease_seconds={lease})
     store.acquire_lock(owner, owner.flush)
     print("held", flush=True)
     time.sleep(600)
@@ -244,7 +252,7 @@ def test_second_job_is_refused_while_the_first_renews(s3_url):
         owner = _Owner()
         # Checked over more than a lifetime: the holder kept renewing.
         for _ in range(3):
-            store = storage.open_store(s3_url, lease_seconds=3.0)
+            store = open_store(s3_url, lease_seconds=3.0)
             with pytest.raises(BackupDirLockedError, match="locked by another job"):
                 store.acquire_lock(owner, owner.flush)
             time.sleep(1.6)
@@ -258,7 +266,7 @@ def test_killed_jobs_lease_is_taken_over_after_expiry(s3_url, caplog):
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=SUBPROCESS_TIMEOUT)
     killed_at = time.monotonic()
-    store = storage.open_store(s3_url, lease_seconds=3.0)
+    store = open_store(s3_url, lease_seconds=3.0)
     owner = _Owner()
     with pytest.raises(BackupDirLockedError, match="lease valid"):
         store.acquire_lock(owner, owner.flush)
@@ -277,14 +285,14 @@ def test_killed_jobs_lease_is_taken_over_after_expiry(s3_url, caplog):
 
 
 def test_lease_taken_over_behind_our_back_stops_commits(s3_url):
-    store = storage.open_store(s3_url, lease_seconds=0.8)
+    store = open_store(s3_url, lease_seconds=0.8)
     owner = _Owner()
     store.acquire_lock(owner, owner.flush)
     try:
         # Another job that judged the lease expired (a paused VM) took it.
         obstore.put(store.client, store._key("LEASE"), b'{"owner": "x"}')
         deadline = time.monotonic() + 10
-        lease = object_store._held[store.location].lease
+        lease = locks.held(store.location).handle
         while not lease.lost and time.monotonic() < deadline:
             time.sleep(0.05)
         assert lease.lost
@@ -298,7 +306,7 @@ def test_lease_taken_over_behind_our_back_stops_commits(s3_url):
 
 
 def test_same_process_rules_match_the_local_lock(s3_url):
-    store = storage.open_store(s3_url, lease_seconds=5)
+    store = open_store(s3_url, lease_seconds=5)
     first, second = _Owner(), _Owner()
     store.acquire_lock(first, first.flush)
     errors = []
@@ -338,7 +346,7 @@ def test_interrupted_fit_resumes_from_the_bucket_and_empties_it(
                   callbacks=[callback, InterruptAt(2, 4)])
     callback.wait_until_finished()
     saved = all_state(model, metrics=False)
-    store = storage.open_store(s3_url)
+    store = open_store(s3_url)
     [(step, url)] = store.list_checkpoints()
     assert url.startswith(s3_url + "/")
     store.release_lock(callback)
@@ -369,7 +377,7 @@ def test_double_checkpoint_falls_back_when_the_newest_is_damaged(s3_url):
                                            double_checkpoint=True,
                                            delete_checkpoint=False)
     model.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[callback])
-    store = storage.open_store(s3_url)
+    store = open_store(s3_url)
     (newest, newest_url), (previous, _) = store.list_checkpoints()
     key = store._key(newest_url.rsplit("/", 1)[1])
     data = bytearray(obstore.get(store.client, key).bytes())
@@ -389,7 +397,7 @@ def test_double_checkpoint_falls_back_when_the_newest_is_damaged(s3_url):
 def test_retries_ride_out_503_and_dropped_connections(fault_proxy, s3_url,
                                                       monkeypatch):
     monkeypatch.setattr(object_store, "PART_BYTES", 5 << 20)
-    store = storage.open_store(s3_url)
+    store = open_store(s3_url)
     fault_proxy.inject("503", "drop", "503", "drop")
     store.commit(0, _encoded(0, n=2 << 20), sync=True)  # multipart
     fault_proxy.inject("drop", "503")
@@ -415,7 +423,7 @@ def test_failed_upload_is_a_write_error_and_the_previous_checkpoint_stays(
                   callbacks=[failing, callback])
     fault_proxy.fail_all(None)
     callback.wait_until_finished(raise_errors=False)
-    store = storage.open_store(s3_url)
+    store = open_store(s3_url)
     [(step, _)] = store.list_checkpoints()
     store.release_lock(callback)
     again = fastbackup.BackupAndRestore(s3_url, save_freq=2)
@@ -439,7 +447,7 @@ def test_on_error_warn_keeps_training_through_a_failed_upload(
                                    callbacks=[failing, callback])
     assert len(history.history["loss"]) == 2
     assert "a checkpoint write failed" in caplog.text
-    assert not storage.open_store(s3_url).exists()
+    assert not open_store(s3_url).exists()
 
 
 class _FailFrom(keras.callbacks.Callback):
@@ -471,7 +479,7 @@ _TRAINER = textwrap.dedent("""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras, numpy as np
     import fastbackup
-    from fastbackup import object_store
+    from fastbackup.stores import object_store
     object_store.PART_BYTES = 5 << 20
     keras.utils.set_random_seed(1)
     x = np.random.default_rng(0).normal(size=(64, 32)).astype("float32")
@@ -495,7 +503,7 @@ _TRAINER = textwrap.dedent("""
 def test_kill_9_mid_upload_leaves_a_whole_committed_checkpoint(s3_url):
     env = worker_env()
     env["FASTBACKUP_LEASE_SECONDS"] = "1"
-    store = storage.open_store(s3_url)
+    store = open_store(s3_url)
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     mid_upload = 0
     before: set[str] = set()
@@ -539,7 +547,7 @@ def test_kill_9_mid_upload_leaves_a_whole_committed_checkpoint(s3_url):
         # model config is the one object besides them, written once per fit.
         names = set(_names(store))
         assert {u.rsplit("/", 1)[1] for _, u in committed} | {
-            "COMMITTED", "LEASE", storage.MODEL_CONFIG_NAME} == names
+            "COMMITTED", "LEASE", MODEL_CONFIG_NAME} == names
         for _, url in store.list_checkpoints():
             with store.open_checkpoint(url) as reader:
                 reader.verify()
@@ -577,7 +585,7 @@ def test_cli_inspect_verify_export_on_a_url(s3_url, tmp_path, capsys):
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
         fastbackup.BackupAndRestore(s3_url, double_checkpoint=True,
                                     delete_checkpoint=False)])
-    store = storage.open_store(s3_url)
+    store = open_store(s3_url)
     (newest, newest_url), (older, _) = store.list_checkpoints()
     obstore.put(store.client, store._key("ckpt-000000000009.fbk"), b"torn")
 
@@ -654,7 +662,7 @@ def _gcs_upload_backup(gcs_server, url, local, damage_newest=False):
     under `url`, as the writer leaves them; returns the record's entries."""
     _, bucket, prefix = object_store.parse_url(url)
     entries = []
-    for i, (step, path) in enumerate(storage.list_checkpoints(str(local))):
+    for i, (step, path) in enumerate(LocalStore(str(local)).list_checkpoints()):
         name = os.path.basename(path)
         with open(path, "rb") as f:
             data = bytearray(f.read())
@@ -662,9 +670,9 @@ def _gcs_upload_backup(gcs_server, url, local, damage_newest=False):
             data[TENSOR_BYTE] ^= 0x10
         gcs_server.upload(bucket, f"{prefix}/{name}", bytes(data))
         entries.append({"step": step, "name": name, "size": len(data)})
-    config = os.path.join(local, storage.MODEL_CONFIG_NAME)
+    config = os.path.join(local, MODEL_CONFIG_NAME)
     with open(config, "rb") as f:
-        gcs_server.upload(bucket, f"{prefix}/{storage.MODEL_CONFIG_NAME}",
+        gcs_server.upload(bucket, f"{prefix}/{MODEL_CONFIG_NAME}",
                           f.read())
     gcs_server.upload(bucket, f"{prefix}/COMMITTED",
                       object_store.record_bytes(entries))
@@ -698,7 +706,7 @@ def test_gcs_backup_is_read_restored_and_verified_through_the_emulator(
     entries = _gcs_upload_backup(gcs_server, gcs_url, local)
     url = gcs_url
 
-    store = storage.open_store(url)
+    store = open_store(url)
     assert isinstance(store, object_store.ObjectStore)
     assert store.list_checkpoints() == [
         (e["step"], f"{url}/{e['name']}") for e in entries]
@@ -722,10 +730,9 @@ def test_gcs_double_checkpoint_falls_back_when_the_newest_is_damaged(
     from fastbackup.errors import CheckpointCorruptError
 
     local = _local_backup(tmp_path)
-    (newest, _), (previous, previous_path) = storage.list_checkpoints(
-        str(local))
+    (newest, _), (previous, previous_path) = LocalStore(str(local)).list_checkpoints()
     _gcs_upload_backup(gcs_server, gcs_url, local, damage_newest=True)
-    store = storage.open_store(gcs_url)
+    store = open_store(gcs_url)
 
     with pytest.raises(CheckpointCorruptError):
         restore.restore_latest(store, _built_fresh_model(), fall_back=False)
@@ -756,7 +763,7 @@ def test_gcs_cleanup_removes_uncommitted_objects_and_keeps_the_rest(
     # object that is not fastbackup's.
     gcs_server.upload(bucket, f"{prefix}/ckpt-000000000099.fbk", b"torn")
     gcs_server.upload(bucket, f"{prefix}/notes.txt", b"not ours to remove")
-    store = storage.open_store(gcs_url)
+    store = open_store(gcs_url)
 
     assert cli.main(["inspect", gcs_url]) == 0
     out = capsys.readouterr().out
@@ -771,7 +778,7 @@ def test_gcs_cleanup_removes_uncommitted_objects_and_keeps_the_rest(
 
     assert store.remove_temp_files() == [f"{gcs_url}/ckpt-000000000099.fbk"]
     assert _names(store) == sorted(
-        ["COMMITTED", storage.MODEL_CONFIG_NAME, "notes.txt"]
+        ["COMMITTED", MODEL_CONFIG_NAME, "notes.txt"]
         + [e["name"] for e in entries])
     assert [s for s, _ in store.list_checkpoints()] == [
         e["step"] for e in entries]
@@ -784,10 +791,10 @@ def test_gcs_remove_all_empties_only_its_own_prefix(gcs_server, gcs_url,
     _gcs_upload_backup(gcs_server, gcs_url, local)
     _, bucket, prefix = object_store.parse_url(gcs_url)
     # A sibling prefix that starts with the same characters.
-    other = storage.open_store(f"gs://{bucket}/{prefix}-2")
+    other = open_store(f"gs://{bucket}/{prefix}-2")
     gcs_server.upload(bucket, f"{prefix}-2/COMMITTED",
                       object_store.record_bytes([]))
-    store = storage.open_store(gcs_url)
+    store = open_store(gcs_url)
     assert store.exists()
     store.remove_all()
     assert not store.exists() and _names(store) == []
@@ -803,10 +810,10 @@ def test_gcs_deleting_a_batch_with_a_missing_object_deletes_the_others(
     # (removed by another clean-up, or a retried DELETE) must not leave the
     # others behind.
     _, bucket, prefix = object_store.parse_url(gcs_url)
-    names = [storage.part_name(3, i, 3) for i in range(3)]
+    names = [part_name(3, i, 3) for i in range(3)]
     for name in names[1:]:
         gcs_server.upload(bucket, f"{prefix}/{name}", b"part")
-    store = storage.open_store(gcs_url)
+    store = open_store(gcs_url)
     assert store.list_parts() == names[1:]
     store.remove_parts(names)
     assert store.list_parts() == [] and not store.exists()
@@ -822,7 +829,7 @@ def test_gcs_write_the_emulator_refuses_is_an_error_naming_the_object(
     the write path, the lease and `fit` end to end on it."""
     local = _local_backup(tmp_path)
     entries = _gcs_upload_backup(gcs_server, gcs_url, local)
-    store = storage.open_store(gcs_url)
+    store = open_store(gcs_url)
     start = time.monotonic()
     with pytest.raises(OSError) as info:
         store.commit(50, _encoded(50), sync=True)
@@ -846,7 +853,7 @@ def test_gcs_reads_ride_out_503_and_dropped_connections(
 
     local = _local_backup(tmp_path)
     entries = _gcs_upload_backup(gcs_server, gcs_url, local)
-    store = storage.open_store(gcs_url)
+    store = open_store(gcs_url)
     gcs_fault_proxy.inject("503", "drop", "503", "drop")
     assert [s for s, _ in store.list_checkpoints()] == [
         e["step"] for e in entries]
@@ -855,7 +862,7 @@ def test_gcs_reads_ride_out_503_and_dropped_connections(
     # (the emulator keeps connections alive, so one fault hits one
     # connection, not one request).
     model = _built_fresh_model()
-    reader = restore.restore_latest(storage.open_store(gcs_url), model,
+    reader = restore.restore_latest(open_store(gcs_url), model,
                                     fall_back=False)
     assert reader.step == entries[0]["step"]
     assert gcs_fault_proxy.injected == {"503": 3, "drop": 3}
@@ -886,4 +893,4 @@ def test_gcs_fit_whose_backup_cannot_be_written_fails_at_its_start(
     # start: only the model's own weights are compared).
     assert_state_equal([np.array(w.numpy()) for w in model.weights], before)
     assert int(np.array(model.optimizer.iterations.numpy())) == 0
-    assert storage.open_store(gcs_url).list_checkpoints() == []
+    assert open_store(gcs_url).list_checkpoints() == []

@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 
 import fastbackup
-from fastbackup import overlap, storage
+from fastbackup import overlap
 from fastbackup import snapshot as snapshot_lib
 from fastbackup.format import CheckpointReader
+from fastbackup.stores.local import LocalStore
 from tests.conftest import all_state, assert_state_equal, make_data, make_model
 
 GATED = keras.backend.backend() in ("tensorflow", "torch")
@@ -128,7 +129,7 @@ def test_overlapped_checkpoints_equal_state_at_their_step(tmp_path, slow_copy,
     )
     model.fit(x, y, epochs=2, batch_size=4, verbose=0,
               callbacks=[recorder, cb])
-    checkpoints = storage.list_checkpoints(str(tmp_path))
+    checkpoints = LocalStore(str(tmp_path)).list_checkpoints()
     assert [step for step, _ in checkpoints] == [4, 3]
     positions = []
     for _, path in checkpoints:
@@ -162,7 +163,7 @@ def test_overlapped_and_synchronous_saves_write_the_same_state(
         cb = fastbackup.BackupAndRestore(backup, save_freq=5,
                                          delete_checkpoint=False)
         model.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[cb])
-        [(_, path)] = storage.list_checkpoints(str(backup))
+        [(_, path)] = LocalStore(str(backup)).list_checkpoints()
         results.append((checkpoint_state(path), all_state(model)))
         assert (cb._gate is not None) == (setting == "on" and GATED)
     (sync_pos, sync_saved), sync_final = results[0]
@@ -193,7 +194,7 @@ def test_pending_copy_is_complete_when_fit_returns(
     model.fit(x, y, epochs=2, batch_size=4, verbose=0,
               callbacks=[recorder, cb, StopAfter()])
     # No wait here: on_train_end completed the copy and the write.
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     position, saved = checkpoint_state(path)
     assert position == (0, 3)
     assert_state_equal(saved, recorder.states[position])
@@ -225,7 +226,7 @@ def test_save_at_an_epochs_last_batch_is_synchronous(tmp_path, slow_copy,
     model.fit(x, y, epochs=1, batch_size=4, verbose=0,
               callbacks=[recorder, AssignAtEpochEnd(), cb])
     assert swapped == [0]
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     position, saved = checkpoint_state(path)
     assert position == (0, 7)
     assert_state_equal(saved, recorder.states[position])
@@ -254,14 +255,14 @@ def test_copy_error_reaches_the_training_thread(tmp_path, monkeypatch):
     # Overlapped: raised at the batch end after the save's next step.
     # Synchronous (JAX): raised by the save itself.
     assert batches == ([0, 1, 2] if GATED else [0, 1])
-    assert storage.list_checkpoints(str(tmp_path)) == []
+    assert LocalStore(str(tmp_path)).list_checkpoints() == []
     # The callback is usable again, and the model is left as found.
     monkeypatch.undo()
     monkeypatch.setenv("FASTBACKUP_OVERLAP", "on")
     cb = fastbackup.BackupAndRestore(tmp_path, save_freq=2,
                                      delete_checkpoint=False)
     model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[cb])
-    assert len(storage.list_checkpoints(str(tmp_path))) == 1
+    assert len(LocalStore(str(tmp_path)).list_checkpoints()) == 1
     assert_left_as_found(model)
 
 
@@ -282,7 +283,7 @@ def test_step_that_raises_does_not_lose_the_overlapped_save(tmp_path,
                   callbacks=[recorder, FailNextStep(), cb])
     # The copy went on without the step; its snapshot reaches the disk.
     cb.wait_until_finished()
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     position, saved = checkpoint_state(path)
     assert position == (0, 2)
     assert_state_equal(saved, recorder.states[position])
@@ -320,7 +321,7 @@ model.fit(np.ones((16, 4)), np.ones((16, 2)), batch_size=2, epochs=1,
     assert proc.returncode == 3, proc.stderr
     # The save of batch 1 was still being copied when the interpreter began
     # to exit (on JAX it was synchronous).
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     with CheckpointReader(path) as reader:
         assert (reader.epoch, reader.batch) == (0, 1)
         reader.verify()
@@ -340,7 +341,7 @@ def test_epoch_saves_stay_synchronous(tmp_path):
               callbacks=[Inspect(), cb])
     assert seen == [False] * 8
     assert cb._gate is None
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     position, saved = checkpoint_state(path)
     assert position == (2, 0)
     assert_state_equal(saved, all_state(model))
@@ -364,7 +365,7 @@ def test_sigterm_save_after_an_overlapped_one(tmp_path, slow_copy):
     assert signal.getsignal(signal.SIGTERM) is previous
     # The overlapped save of batch 1 was superseded by the SIGTERM save of
     # batch 2, made synchronously; the preempted backup is kept.
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     position, saved = checkpoint_state(path)
     assert position == (0, 2)
     assert_state_equal(saved, recorder.states[position])
@@ -383,7 +384,7 @@ def test_jax_saves_synchronously_and_says_why(tmp_path, caplog):
     assert cb._gate is None
     assert "saves copy synchronously" in caplog.text
     assert "donates" in caplog.text
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     _, saved = checkpoint_state(path)
     assert_state_equal(saved, all_state(model))
 

@@ -18,10 +18,12 @@ import pytest
 
 import fastbackup
 from fastbackup import format as fmt
-from fastbackup import restore, storage
+from fastbackup import restore
 from fastbackup.errors import CheckpointCorruptError
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import HostSnapshot, TensorSpec, collect_variables
+from fastbackup.stores.local import LocalStore
+from fastbackup.stores.names import part_name, part_step
 from tests.conftest import (
     all_state,
     assert_state_equal,
@@ -67,8 +69,8 @@ def write_parts(directory: str, model, step: int = 4, epoch: int = 1,
             epoch=epoch, batch=batch, metadata={"position": "batch_end"},
             part=(index, 2),
         )
-        name = storage.part_name(step, index, 2)
-        result = storage.LocalStore(directory).write_part(
+        name = part_name(step, index, 2)
+        result = LocalStore(directory).write_part(
             name, step, fmt.encode(snap, fmt.CompressionPolicy(None), step),
             sync=False,
         )
@@ -78,7 +80,7 @@ def write_parts(directory: str, model, step: int = 4, epoch: int = 1,
                      metadata={"position": "batch_end"}, part=(0, 2)),
         fmt.CompressionPolicy(None), step,
     )
-    storage.commit(directory, step, fmt.encode_manifest(first.meta, reports),
+    LocalStore(directory).commit(step, fmt.encode_manifest(first.meta, reports),
                    sync=False)
     return [r["name"] for r in reports]
 
@@ -102,7 +104,7 @@ def test_part_and_manifest_files_say_what_they_are(tmp_path, trained):
     names = write_parts(str(tmp_path), trained)
     assert names == ["ckpt-000000000004.part-00000-of-00002.fbk",
                      "ckpt-000000000004.part-00001-of-00002.fbk"]
-    store = storage.LocalStore(str(tmp_path))
+    store = LocalStore(str(tmp_path))
     # Only the manifest is a checkpoint; the parts are listed as parts.
     assert [s for s, _ in store.list_checkpoints()] == [4]
     assert store.list_parts() == names
@@ -139,7 +141,7 @@ def test_parts_restore_through_the_callback_and_the_cli_reads_them(
     assert_state_equal(all_state(target), all_state(trained))
     cb.on_train_end()
     # read_state (the CLI's export) assembles whole arrays from the parts.
-    store = storage.LocalStore(str(tmp_path))
+    store = LocalStore(str(tmp_path))
     with CheckpointReader(store.list_checkpoints()[0][1]) as manifest:
         with pytest.raises(ValueError, match="needs the store of its parts"):
             restore.read_state(manifest, blank())
@@ -175,7 +177,7 @@ def test_a_part_of_another_checkpoint_is_refused(tmp_path, trained):
     names = write_parts(str(other), trained, step=5)
     write_parts(str(tmp_path), trained)
     for index, name in enumerate(names):
-        os.replace(other / name, tmp_path / storage.part_name(4, index, 2))
+        os.replace(other / name, tmp_path / part_name(4, index, 2))
     with pytest.raises(CheckpointCorruptError, match="not the part the manifest"):
         restore.restore_latest(str(tmp_path), blank(), fall_back=False)
 
@@ -199,15 +201,15 @@ def test_a_damaged_newest_falls_back_to_the_previous_whole_checkpoint(
 
 
 def test_local_store_part_names_are_checked(tmp_path):
-    store = storage.LocalStore(str(tmp_path))
+    store = LocalStore(str(tmp_path))
     for bad in ("ckpt-000000000001.fbk", "../x", "ckpt-1.part-0-of-2.fbk"):
         with pytest.raises(ValueError, match="Invalid part name"):
             store.open_part(bad)
         with pytest.raises(ValueError, match="Invalid part name"):
             store.remove_parts([bad])
-    store.remove_parts([storage.part_name(1, 0, 2)])  # missing: ignored
-    assert storage.part_step(storage.part_name(12, 3, 4)) == 12
-    assert storage.part_step("ckpt-000000000012.fbk") is None
+    store.remove_parts([part_name(1, 0, 2)])  # missing: ignored
+    assert part_step(part_name(12, 3, 4)) == 12
+    assert part_step("ckpt-000000000012.fbk") is None
 
 
 # Hostile files --------------------------------------------------------------

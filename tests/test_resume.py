@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import fastbackup
-from fastbackup import storage
 from fastbackup.format import CheckpointReader
+from fastbackup.stores.local import LocalStore
 from tests.conftest import InterruptAt, all_state, assert_state_equal
 
 EPOCHS = 3
@@ -175,7 +175,7 @@ def test_other_callbacks_see_only_the_batches_trained(tmp_path, save_freq):
         assert all("loss" in logs for logs in recorder.logs)
     # The next save fell due save_freq batches after the checkpoint's, as
     # in an uninterrupted run.
-    checkpoints = storage.list_checkpoints(str(tmp_path))
+    checkpoints = LocalStore(str(tmp_path)).list_checkpoints()
     with CheckpointReader(checkpoints[0][1]) as reader:
         last = (reader.epoch, reader.batch)
     assert last == (EPOCHS - 1, batches - 1)

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 
 from fastbackup import format as fmt
-from fastbackup import storage
-
 from fastbackup.snapshot import (
     GROUPS,
     HostSnapshot,
@@ -20,6 +18,7 @@ from fastbackup.snapshot import (
     TensorSpec,
     collect_variables,
 )
+from fastbackup.stores.local import LocalStore
 from tests.conftest import fresh_model, make_data, make_model
 
 
@@ -402,7 +401,7 @@ def test_aligned_and_ordinary_buffers_write_the_same_file(tmp_path, direct):
         # included; the ordinary one's padding comes as segments of zeros.
         assert len(encoded.segments) == (6 if snap is aligned else 9)
         (tmp_path / str(i)).mkdir()
-        path = storage.commit(str(tmp_path / str(i)), i, encoded, sync=False,
+        path = LocalStore(str(tmp_path / str(i))).commit(i, encoded, sync=False,
                               direct=direct).path
         data = bytearray(open(path, "rb").read())
         files.append(data)

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from fastbackup import format as fmt
-from fastbackup import storage
 from fastbackup._compat import native
 from fastbackup.errors import BackupDirLockedError
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import HostSnapshot, TensorSpec
+from fastbackup.stores import locks
+from fastbackup.stores.local import LOCK_NAME, LocalStore
+from fastbackup.stores.names import checkpoint_name
 
 
 @pytest.fixture(autouse=True)
@@ -42,13 +44,13 @@ def test_names_and_listing(tmp_path):
         # Not checkpoints:
         "ckpt-3.fbk", "ckpt-000000000004.fbk.bak", "xckpt-000000000005.fbk",
         ".ckpt-000000000009.fbk.0123456789abcdef.tmp", "notes.txt",
-        storage.LOCK_NAME,
+        LOCK_NAME,
     ]
     for n in names:
         open(os.path.join(d, n), "wb").close()
-    assert storage.checkpoint_name(12) == "ckpt-000000000012.fbk"
-    assert [s for s, _ in storage.list_checkpoints(d)] == [12, 7, 3]
-    assert storage.list_checkpoints(str(tmp_path / "missing")) == []
+    assert checkpoint_name(12) == "ckpt-000000000012.fbk"
+    assert [s for s, _ in LocalStore(d).list_checkpoints()] == [12, 7, 3]
+    assert LocalStore(str(tmp_path / "missing")).list_checkpoints() == []
 
 
 def test_remove_temp_files_removes_only_temp_files(tmp_path):
@@ -56,18 +58,18 @@ def test_remove_temp_files_removes_only_temp_files(tmp_path):
     temps = [".ckpt-000000000001.fbk.0123456789abcdef.tmp",
              ".ckpt-000000000002.fbk.fedcba9876543210.tmp"]
     keep = ["ckpt-000000000001.fbk", ".ckpt-1.fbk.00.tmp", "other.tmp",
-            ".ckpt-000000000001.fbk.XYZ.tmp", storage.LOCK_NAME]
+            ".ckpt-000000000001.fbk.XYZ.tmp", LOCK_NAME]
     for n in temps + keep:
         open(os.path.join(d, n), "wb").close()
-    removed = storage.remove_temp_files(d)
+    removed = LocalStore(d).remove_temp_files()
     assert sorted(os.path.basename(p) for p in removed) == sorted(temps)
     assert sorted(os.listdir(d)) == sorted(keep)
-    assert storage.remove_temp_files(str(tmp_path / "missing")) == []
+    assert LocalStore(str(tmp_path / "missing")).remove_temp_files() == []
 
 
 def test_commit_is_atomic_and_leaves_no_temp_file(tmp_path):
     d = str(tmp_path)
-    result = storage.commit(d, 5, _encoded(5), sync=True)
+    result = LocalStore(d).commit(5, _encoded(5), sync=True)
     assert os.listdir(d) == ["ckpt-000000000005.fbk"]
     assert result.nbytes == os.path.getsize(result.path)
     with CheckpointReader(result.path) as reader:
@@ -78,13 +80,13 @@ def test_commit_is_atomic_and_leaves_no_temp_file(tmp_path):
 @pytest.mark.parametrize("op", ["open", "write", "fsync", "close", "rename"])
 def test_failed_commit_leaves_nothing_and_keeps_the_old_file(tmp_path, op):
     d = str(tmp_path)
-    old = storage.commit(d, 1, _encoded(1, 1.0), sync=True)
+    old = LocalStore(d).commit(1, _encoded(1, 1.0), sync=True)
     before = open(old.path, "rb").read()
     native.set_failpoint(op, 1, errno.EIO)
     with pytest.raises(OSError) as info:
         # Same step: a failed write must not even touch a file it would
         # replace.
-        storage.commit(d, 1, _encoded(1, 2.0), sync=True)
+        LocalStore(d).commit(1, _encoded(1, 2.0), sync=True)
     assert info.value.errno == errno.EIO
     assert sorted(os.listdir(d)) == ["ckpt-000000000001.fbk"]
     assert open(old.path, "rb").read() == before
@@ -93,11 +95,11 @@ def test_failed_commit_leaves_nothing_and_keeps_the_old_file(tmp_path, op):
 def test_prune_keeps_the_newest(tmp_path):
     d = str(tmp_path)
     for step in (0, 1, 2, 3):
-        storage.commit(d, step, _encoded(step), sync=False)
-    storage.prune(d, keep=2)
-    assert [s for s, _ in storage.list_checkpoints(d)] == [3, 2]
-    storage.prune(d, keep=1)
-    assert [s for s, _ in storage.list_checkpoints(d)] == [3]
+        LocalStore(d).commit(step, _encoded(step), sync=False)
+    LocalStore(d).prune(keep=2)
+    assert [s for s, _ in LocalStore(d).list_checkpoints()] == [3, 2]
+    LocalStore(d).prune(keep=1)
+    assert [s for s, _ in LocalStore(d).list_checkpoints()] == [3]
 
 
 # The in-process lock -------------------------------------------------------------
@@ -114,7 +116,7 @@ class Owner:
 
 
 def _acquire(d, owner):
-    storage.acquire_lock(d, owner, owner.flush)
+    LocalStore(d).acquire_lock(owner, owner.flush)
 
 
 def test_lock_file_holds_the_pid(tmp_path):
@@ -122,11 +124,11 @@ def test_lock_file_holds_the_pid(tmp_path):
     owner = Owner()
     _acquire(d, owner)
     try:
-        with open(os.path.join(d, storage.LOCK_NAME)) as f:
+        with open(os.path.join(d, LOCK_NAME)) as f:
             assert f.read() == str(os.getpid())
     finally:
-        storage.release_lock(d, owner)
-    assert os.path.realpath(d) not in storage._held
+        LocalStore(d).release_lock(owner)
+    assert locks.held(os.path.realpath(d)) is None
 
 
 def test_another_thread_is_refused_while_the_holder_lives(tmp_path):
@@ -149,7 +151,7 @@ def test_another_thread_is_refused_while_the_holder_lives(tmp_path):
         assert error.errno == errno.EBUSY and isinstance(error, OSError)
         assert "another BackupAndRestore" in str(error)
     finally:
-        storage.release_lock(d, owner)
+        LocalStore(d).release_lock(owner)
 
 
 def test_same_thread_takes_over_after_flushing_the_holder(tmp_path):
@@ -161,10 +163,10 @@ def test_same_thread_takes_over_after_flushing_the_holder(tmp_path):
     _acquire(d, first)
     _acquire(d, second)
     assert first.flushed == 1
-    storage.release_lock(d, first)  # not the holder any more: no effect
-    assert os.path.realpath(d) in storage._held
-    storage.release_lock(d, second)
-    assert os.path.realpath(d) not in storage._held
+    LocalStore(d).release_lock(first)  # not the holder any more: no effect
+    assert locks.held(os.path.realpath(d)) is not None
+    LocalStore(d).release_lock(second)
+    assert locks.held(os.path.realpath(d)) is None
 
 
 def test_collected_holder_can_be_taken_over_from_another_thread(tmp_path):
@@ -172,7 +174,7 @@ def test_collected_holder_can_be_taken_over_from_another_thread(tmp_path):
     owner = Owner()
     _acquire(d, owner)
     flushed = []
-    storage._held[os.path.realpath(d)].flush = lambda: flushed.append(1)
+    locks.held(os.path.realpath(d)).flush = lambda: flushed.append(1)
     del owner
     gc.collect()
     taker = Owner()
@@ -180,7 +182,7 @@ def test_collected_holder_can_be_taken_over_from_another_thread(tmp_path):
     t.start()
     t.join()
     assert flushed == [1]  # the collected callback's writer was flushed
-    storage.release_lock(d, taker)
+    LocalStore(d).release_lock(taker)
 
 
 def test_directory_removed_while_locked_is_locked_afresh(tmp_path):
@@ -195,10 +197,10 @@ def test_directory_removed_while_locked_is_locked_afresh(tmp_path):
     shutil.rmtree(d)
     _acquire(d, owner)
     try:
-        assert os.path.isfile(os.path.join(d, storage.LOCK_NAME))
-        held = storage._held[os.path.realpath(d)]
-        st = os.stat(os.path.join(d, storage.LOCK_NAME))
-        assert os.fstat(held.fd).st_ino == st.st_ino
+        assert os.path.isfile(os.path.join(d, LOCK_NAME))
+        held = locks.held(os.path.realpath(d))
+        st = os.stat(os.path.join(d, LOCK_NAME))
+        assert os.fstat(held.handle).st_ino == st.st_ino
         assert len(os.listdir("/proc/self/fd")) == fds  # old one closed
     finally:
-        storage.release_lock(d, owner)
+        LocalStore(d).release_lock(owner)

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from fastbackup import storage
 from fastbackup import format as fmt
 from fastbackup.errors import BackupWriteError, FastBackupError
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import HostSnapshot, TensorSpec
+from fastbackup.stores.local import LocalStore
 from fastbackup.writer import BackgroundWriter, as_write_error
 
 WAIT = 60  # seconds; a bound against hangs, never a timing assertion
@@ -44,19 +44,21 @@ class Gate:
     """Holds every commit on the writer thread until released."""
 
     def __init__(self, monkeypatch):
-        self.real = storage.commit
+        self.real = LocalStore.commit
         self.release = threading.Event()
         self.entered = threading.Semaphore(0)
         self.threads: list[threading.Thread] = []
         self.steps: list[int] = []
-        monkeypatch.setattr(storage, "commit", self.commit)
+        # A function, so that the store is passed as the method's self.
+        monkeypatch.setattr(LocalStore, "commit",
+                            lambda store, *a, **k: self.commit(store, *a, **k))
 
-    def commit(self, directory, step, encoded, sync, **kwargs):
+    def commit(self, store, step, encoded, sync, **kwargs):
         self.threads.append(threading.current_thread())
         self.steps.append(step)
         self.entered.release()
         assert self.release.wait(WAIT)
-        return self.real(directory, step, encoded, sync, **kwargs)
+        return self.real(store, step, encoded, sync, **kwargs)
 
     def wait_entered(self):
         assert self.entered.acquire(timeout=WAIT)
@@ -110,7 +112,7 @@ def test_single_buffer_checkout_and_submit(tmp_path, writers, gate):
     gate.release.set()
     w.wait_until_finished()
     assert not w.busy()
-    [(step, path)] = storage.list_checkpoints(str(tmp_path))
+    [(step, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     (position, values) = read_back(path)
     assert position == (0, 2, 3) and (values == 1.0).all()
     # The same buffer comes back, still holding the snapshot to reuse.
@@ -131,7 +133,7 @@ def test_single_buffer_checkout_blocks_until_written(tmp_path, writers, gate):
     gate.release.set()
     t.join(WAIT)
     assert not t.is_alive() and got == [first]
-    assert storage.list_checkpoints(str(tmp_path))
+    assert LocalStore(str(tmp_path)).list_checkpoints()
 
 
 def test_two_buffers_coalesce_the_pending_snapshot(tmp_path, writers, gate):
@@ -153,7 +155,7 @@ def test_two_buffers_coalesce_the_pending_snapshot(tmp_path, writers, gate):
     w.wait_until_finished()
     # Two writes: the first state, then only the newest pending one.
     assert gate.steps == [0, 1]
-    found = storage.list_checkpoints(str(tmp_path))
+    found = LocalStore(str(tmp_path)).list_checkpoints()
     assert [s for s, _ in found] == [1, 0]
     assert read_back(found[1][1])[0] == (0, 0, 0)
     position, values = read_back(found[0][1])
@@ -179,7 +181,7 @@ def test_cancel_returns_the_buffer(tmp_path, writers):
     assert w.checkout(block=False) is slot
     w.cancel(slot)
     w.wait_until_finished()
-    assert storage.list_checkpoints(str(tmp_path)) == []
+    assert LocalStore(str(tmp_path)).list_checkpoints() == []
 
 
 # The thread --------------------------------------------------------------------
@@ -226,7 +228,7 @@ def test_blocking_checkout_never_replaces_a_queued_snapshot(tmp_path, writers,
     w.submit(slot, make_snapshot(2.0, batch=2))
     w.wait_until_finished()
     assert gate.steps == [0, 1]
-    (_, newest), (_, first) = storage.list_checkpoints(str(tmp_path))
+    (_, newest), (_, first) = LocalStore(str(tmp_path)).list_checkpoints()
     assert read_back(first)[0] == (0, 0, 1)
     position, values = read_back(newest)
     assert position == (1, 0, 2) and (values == 2.0).all()
@@ -241,13 +243,13 @@ def test_wait_until_finished_blocks_until_durable(tmp_path, writers, gate):
 
     def waiter():
         w.wait_until_finished()
-        seen.extend(storage.list_checkpoints(str(tmp_path)))
+        seen.extend(LocalStore(str(tmp_path)).list_checkpoints())
         done.set()
 
     t = threading.Thread(target=waiter)
     t.start()
     assert not done.wait(0.2)
-    assert storage.list_checkpoints(str(tmp_path)) == []
+    assert LocalStore(str(tmp_path)).list_checkpoints() == []
     gate.release.set()
     t.join(WAIT)
     assert done.is_set()
@@ -263,7 +265,7 @@ def test_steps_stats_and_pruning(tmp_path, writers):
     for i in range(3):
         save(w, float(i), epoch=i)
         w.wait_until_finished()
-    [(step, path)] = storage.list_checkpoints(str(tmp_path))
+    [(step, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     assert step == 9 and read_back(path)[0] == (9, 2, 0)
     s = w.stats
     assert s.saves == 3 and len(s.write_seconds) == 3
@@ -282,7 +284,7 @@ def test_bfloat16_snapshot_is_written(tmp_path, writers):
     slot = w.checkout(block=True)
     w.submit(slot, HostSnapshot([spec], [array]))
     w.wait_until_finished()
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     with CheckpointReader(path) as reader:
         reader.verify()
         [entry] = reader.entries
@@ -297,7 +299,7 @@ def test_keep_two_keeps_the_previous_checkpoint(tmp_path, writers):
     for i in range(4):
         save(w, float(i))
         w.wait_until_finished()
-    assert [s for s, _ in storage.list_checkpoints(str(tmp_path))] == [3, 2]
+    assert [s for s, _ in LocalStore(str(tmp_path)).list_checkpoints()] == [3, 2]
 
 
 # Errors --------------------------------------------------------------------------
@@ -306,11 +308,11 @@ def test_keep_two_keeps_the_previous_checkpoint(tmp_path, writers):
 def fail_commit(monkeypatch, exc):
     calls = []
 
-    def commit(directory, step, encoded, sync, **kwargs):
+    def commit(store, step, encoded, sync, **kwargs):
         calls.append(step)
         raise exc
 
-    monkeypatch.setattr(storage, "commit", commit)
+    monkeypatch.setattr(LocalStore, "commit", commit)
     return calls
 
 
@@ -365,7 +367,7 @@ def test_writer_keeps_working_after_an_error(tmp_path, writers, monkeypatch):
     monkeypatch.undo()
     save(w, 2.0, epoch=5)
     w.wait_until_finished()
-    [(step, path)] = storage.list_checkpoints(str(tmp_path))
+    [(step, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     # The failed write used step 0; the next one gets a new number.
     assert calls == [0] and step == 1
     position, values = read_back(path)
@@ -397,7 +399,7 @@ def test_close_flushes_then_stops_the_thread(tmp_path, monkeypatch, gate):
     assert not closer.is_alive()
     [thread] = gate.threads
     assert not thread.is_alive()
-    [(_, path)] = storage.list_checkpoints(str(tmp_path))
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
     assert read_back(path)[0] == (0, 4, 0)
     assert slot.snapshot is None  # buffers released
 
@@ -412,7 +414,7 @@ def test_submit_after_close_starts_a_new_thread(tmp_path, writers, gate):
     assert len(gate.threads) == 2
     assert gate.threads[0] is not gate.threads[1]
     assert gate.threads[1].name == "fastbackup-writer"
-    assert [s for s, _ in storage.list_checkpoints(str(tmp_path))] == [1, 0]
+    assert [s for s, _ in LocalStore(str(tmp_path)).list_checkpoints()] == [1, 0]
 
 
 def test_close_without_any_write(tmp_path):

@@ -24,7 +24,6 @@ retries 5xx, 503 SlowDown and dropped connections with exponential backoff.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import datetime
 import errno
 import json
@@ -35,26 +34,24 @@ import socket
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import obstore
 from obstore import exceptions as obx
 
+from fastbackup import config as config_lib
 from fastbackup._compat import native
 from fastbackup.errors import BackupDirLockedError
 from fastbackup.format import CheckpointReader, EncodedCheckpoint
-from fastbackup.storage import (
-    _CHECKPOINT_RE,
+from fastbackup.stores import locks
+from fastbackup.stores.base import CommitResult, LocationStore, WriteCancelled
+from fastbackup.stores.names import (
+    CHECKPOINT_RE,
     PART_RE,
-    CommitResult,
-    Store,
-    WriteCancelled,
     check_object_name,
     check_part_name,
     checkpoint_name,
-    claim_in_process,
 )
 
 log = logging.getLogger("fastbackup")
@@ -198,19 +195,7 @@ def _io_error(what: str, url: str, e: BaseException) -> OSError:
     return err
 
 
-@dataclasses.dataclass
-class _Held:
-    lease: _Lease
-    owner: Any
-    flush: Callable[[], None]
-    thread: int
-
-
-_held: dict[str, _Held] = {}
-_held_lock = threading.Lock()
-
-
-class ObjectStore(Store):
+class ObjectStore(LocationStore):
     """A backup under a prefix of an S3 or GCS bucket.
 
     Args:
@@ -239,8 +224,6 @@ class ObjectStore(Store):
     ) -> None:
         self.scheme, self.bucket, self.prefix = parse_url(url)
         self.location = f"{self.scheme}://{self.bucket}/{self.prefix}"
-        from fastbackup import config as config_lib
-
         if lease_seconds is None:
             lease_seconds = config_lib.seconds_from_environ(
                 "FASTBACKUP_LEASE_SECONDS")
@@ -282,7 +265,7 @@ class ObjectStore(Store):
     def _name_of_url(self, url: str) -> str:
         head = self.location + "/"
         name = url[len(head):] if url.startswith(head) else ""
-        if not _CHECKPOINT_RE.match(name):
+        if not CHECKPOINT_RE.match(name):
             raise ValueError(
                 f"Not a checkpoint of {self.location}. Received: location={url}"
             )
@@ -310,7 +293,7 @@ class ObjectStore(Store):
                 self.url_of(COMMIT_RECORD),
             ) from None
         for e in entries:
-            if not _CHECKPOINT_RE.match(e["name"]):
+            if not CHECKPOINT_RE.match(e["name"]):
                 raise OSError(errno.EBADMSG, "the commit record names an "
                               f"invalid object {e['name']!r}",
                               self.url_of(COMMIT_RECORD))
@@ -355,21 +338,16 @@ class ObjectStore(Store):
                 return int(e["size"])
         return int(obstore.head(self.client, self._key(name))["size"])
 
-    def commit(
-        self,
-        step: int,
-        encoded: EncodedCheckpoint,
-        sync: bool,
-        cancel: threading.Event | None = None,
-        direct: bool = False,
-    ) -> CommitResult:
+    def commit(self, step: int, encoded: EncodedCheckpoint, sync: bool,
+               cancel: threading.Event | None = None,
+               direct: bool = False) -> CommitResult:
         """Uploads one checkpoint, then commits it in the commit record.
 
         The segments are uploaded as they are (no staging copy of the
         state): one PUT when the checkpoint is smaller than a part,
         otherwise a multipart upload whose parts go out concurrently. The
         CRC-32C of each segment is computed as it is handed to the client,
-        so the bytes are those `storage.commit` writes to a file. Object
+        so the bytes are those `LocalStore.commit` writes to a file. Object
         PUTs are durable when acknowledged; `sync` and `direct` concern
         local disks only.
 
@@ -491,7 +469,7 @@ class ObjectStore(Store):
         committed = {e["name"] for e in self._committed()}
         return sorted(
             n for n in self._list_names()
-            if _CHECKPOINT_RE.match(n) and n not in committed
+            if CHECKPOINT_RE.match(n) and n not in committed
         )
 
     def list_temp_files(self) -> list[str]:
@@ -530,10 +508,10 @@ class ObjectStore(Store):
         """
         names = self._list_names()
         self._delete([COMMIT_RECORD] if COMMIT_RECORD in names else [])
-        held = _held.get(self.location)
+        held = self._held_lease() is not None
         self._delete([
             n for n in names
-            if n != COMMIT_RECORD and not (n == LEASE_NAME and held is not None)
+            if n != COMMIT_RECORD and not (n == LEASE_NAME and held)
         ])
 
     def open_checkpoint(self, location: str) -> CheckpointReader:
@@ -606,15 +584,9 @@ class ObjectStore(Store):
         check_object_name(name)
         return self._get_small(name)
 
-    def write_part(
-        self,
-        name: str,
-        step: int,
-        encoded: EncodedCheckpoint,
-        sync: bool,
-        cancel: threading.Event | None = None,
-        direct: bool = False,
-    ) -> CommitResult:
+    def write_part(self, name: str, step: int, encoded: EncodedCheckpoint,
+                   sync: bool, cancel: threading.Event | None = None,
+                   direct: bool = False) -> CommitResult:
         start = time.perf_counter()
         size = self._upload(check_part_name(name), encoded, cancel)
         return CommitResult(self.url_of(name), step, size,
@@ -632,46 +604,40 @@ class ObjectStore(Store):
     # Lock -------------------------------------------------------------------
 
     def _held_lease(self) -> _Lease | None:
-        with _held_lock:
-            held = _held.get(self.location)
-        return held.lease if held is not None else None
+        hold = locks.held(self.location)
+        return hold.handle if hold is not None else None
 
     def acquire_lock(self, owner: Any, flush: Callable[[], None]) -> None:
         """Takes the backup's lease for `owner` (see the module docstring).
 
-        Inside one process the rules are those of `storage.acquire_lock`:
-        a callback takes the lock over from another one only when that one
-        cannot be training concurrently (collected, or its last `fit` ran on
-        this same thread).
+        Inside one process the rules of `stores.locks` apply: a callback
+        takes the lock over from another one only when that one cannot be
+        training concurrently (collected, or its last `fit` ran on this
+        same thread). A lease this process lost is replaced.
 
         Raises:
             BackupDirLockedError: another job holds an unexpired lease, or a
                 callback training on another thread of this process holds it.
             OSError: the store cannot be reached.
         """
-        with _held_lock:
-            held = _held.get(self.location)
-            if held is not None:
-                claim_in_process(held, owner, flush, self.location)
-                if not held.lease.lost:
-                    return
-                del _held[self.location]
-                held.lease.release()
+        def take() -> _Lease:
             lease = _Lease(self)
             lease.acquire()
             # Another job may have committed since this process last looked.
             self._record = None
-            _held[self.location] = _Held(
-                lease, weakref.ref(owner), flush, threading.get_ident()
-            )
+            return lease
+
+        locks.acquire(
+            self.location, owner, flush, self.location,
+            valid=lambda lease: not lease.lost,
+            discard=lambda lease: lease.release(),
+            take=take,
+        )
 
     def release_lock(self, owner: Any) -> None:
-        with _held_lock:
-            held = _held.get(self.location)
-            if held is None or held.owner() not in (owner, None):
-                return
-            del _held[self.location]
-        held.lease.release()
+        lease = locks.release(self.location, owner)
+        if lease is not None:
+            lease.release()
 
 
 class _Lease:

@@ -36,13 +36,13 @@ from fastbackup import format as fmt
 from fastbackup.coordination import Coordinator
 from fastbackup.errors import BackupDirLockedError, PeerError
 from fastbackup.format import CheckpointReader, EncodedCheckpoint
-from fastbackup.storage import (
+from fastbackup.stores.base import (
     CommitResult,
+    LocationStore,
     Store,
     WriteCancelled,
-    part_name,
-    part_step,
 )
+from fastbackup.stores.names import part_name, part_step
 
 log = logging.getLogger("fastbackup")
 
@@ -53,10 +53,10 @@ class ProcessParts(Store):
     Args:
         inner: the store of the backup location, shared by every process
             (a shared filesystem or a bucket).
-        coordinator: this fit's view of JAX's coordination service.
+        coordinator: the job's view of JAX's coordination service.
     """
 
-    def __init__(self, inner: Store, coordinator: Coordinator) -> None:
+    def __init__(self, inner: LocationStore, coordinator: Coordinator) -> None:
         self.inner = inner
         self.coordinator = coordinator
         self.location = inner.location
@@ -68,14 +68,9 @@ class ProcessParts(Store):
 
     # Writing ------------------------------------------------------------
 
-    def commit(
-        self,
-        step: int,
-        encoded: EncodedCheckpoint,
-        sync: bool,
-        cancel: threading.Event | None = None,
-        direct: bool = False,
-    ) -> CommitResult:
+    def commit(self, step: int, encoded: EncodedCheckpoint, sync: bool,
+               cancel: threading.Event | None = None,
+               direct: bool = False) -> CommitResult:
         """Writes this process's part, then commits or awaits the commit.
 
         Raises:
@@ -258,26 +253,6 @@ class ProcessParts(Store):
 
     def read_object(self, name: str) -> bytes | None:
         return self.inner.read_object(name)
-
-    def write_part(
-        self,
-        name: str,
-        step: int,
-        encoded: EncodedCheckpoint,
-        sync: bool,
-        cancel: threading.Event | None = None,
-        direct: bool = False,
-    ) -> CommitResult:
-        return self.inner.write_part(name, step, encoded, sync, cancel, direct)
-
-    def open_part(self, name: str) -> CheckpointReader:
-        return self.inner.open_part(name)
-
-    def list_parts(self) -> list[str]:
-        return self.inner.list_parts()
-
-    def remove_parts(self, names: list[str]) -> None:
-        self.inner.remove_parts(names)
 
     def end_fit(self, after_cleanup: bool = False) -> None:
         """Waits until every process has reached the same point of `fit`'s end.
