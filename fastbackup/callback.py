@@ -138,10 +138,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             lease_seconds=self.config.lease_seconds,
             retry_seconds=self.config.retry_seconds,
         )
-        # Where this callback's checkpoints go, set by the first `fit`: the
-        # location's store, or in a multi-process job this process's parts
-        # of it. The writer writes through it from then on.
-        self.store: Store | None = None
+        # Made by the first `fit`, with the store it writes through (`store`).
         self._writer: BackgroundWriter | None = None
         self._coordinator: coordination.Coordinator | None = None
         # `None`: as the FASTBACKUP_* variables say.
@@ -189,6 +186,12 @@ class BackupAndRestore(keras.callbacks.Callback):
     # Public API -------------------------------------------------------------
 
     @property
+    def store(self) -> Store | None:
+        """Where this callback's checkpoints go, from its first `fit` on: the
+        location's store, or in a multi-process job this process's parts."""
+        return self._writer.store if self._writer is not None else None
+
+    @property
     def stats(self) -> WriterStats:
         """Counters of the background writer (saves, bytes, timings)."""
         return self._writer.stats if self._writer is not None else WriterStats()
@@ -219,8 +222,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         writer = self._start_writer()
         # A previous, interrupted fit may still be writing its last state.
         writer.wait_until_finished()
-        store = self.store
-        assert store is not None  # set with the writer
+        store = writer.store
         store.acquire_lock(
             self, lambda: writer.wait_until_finished(raise_errors=False)
         )
@@ -345,12 +347,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._coordinator = coordination.coordinator(
             self._location_store.location, self.config.peer_timeout_seconds
         )
-        self.store = (
-            self._location_store if self._coordinator is None
-            else ProcessParts(self._location_store, self._coordinator)
-        )
         self._writer = BackgroundWriter(
-            self.store,
+            self._location_store if self._coordinator is None
+            else ProcessParts(self._location_store, self._coordinator),
             fmt.CompressionPolicy(self.config.compression_level),
             keep=2 if self.double_checkpoint else 1,
             sync=self.config.fsync,

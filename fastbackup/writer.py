@@ -341,9 +341,7 @@ class BackgroundWriter:
             while self._pending():
                 self._cond.wait()
         if raise_errors:
-            error = self.check_error()
-            if error is not None:
-                raise as_write_error(error)
+            self.raise_error()
 
     def close(self) -> None:
         """Flushes, then stops the thread; buffers are released."""
