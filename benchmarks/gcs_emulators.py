@@ -42,6 +42,7 @@ from tests.object_servers import (  # noqa: E402
     FakeGCSServer,
     _ServerProcess,
     _wait_until_serving,
+    spawn,
 )
 from tests.conftest import free_port  # noqa: E402
 
@@ -59,11 +60,10 @@ class GcpStorageEmulator(_ServerProcess):
         self._proc: subprocess.Popen | None = None
 
     def start(self) -> GcpStorageEmulator:
-        self._proc = subprocess.Popen(
+        self._proc = spawn(
             [sys.executable, "-m", "gcp_storage_emulator", "start",
              "--host", "127.0.0.1", "--port", str(self.port), "--in-memory",
              "--quiet"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         _wait_until_serving(self._proc, f"{self.endpoint}/",
                             "gcp-storage-emulator", self.stop)

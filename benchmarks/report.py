@@ -317,7 +317,7 @@ def object_store_table(so: dict[str, Any]) -> str:
          rate(m["raw_put_s"])],
         ["fastbackup restore_latest (download, verify, assign)",
          _s(m["fastbackup_restore_s"]), rate(m["fastbackup_restore_s"])],
-        ["  of which the download (ranged GETs into a memfd)",
+        ["  of which the download (header, ranged GETs, checksums)",
          _s(m["fastbackup_download_s"]), rate(m["fastbackup_download_s"])],
         ["obstore raw parallel ranged get", _s(m["raw_get_s"]), rate(m["raw_get_s"])],
     ] + [

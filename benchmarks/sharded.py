@@ -207,17 +207,35 @@ def _local_shards(model: Any) -> list[bytes]:
 
     out = []
     for _, v in collect_variables(model):
-        for shard in sorted(v.value.addressable_shards, key=lambda s: s.device.id):
-            out.append(np.asarray(shard.data).tobytes())
+        # `addressable_data`, not `addressable_shards`, which raises for a
+        # replicated array placed while each process has one device.
+        value = v.value
+        for i in range(len(value.sharding.addressable_devices)):
+            out.append(np.asarray(value.addressable_data(i)).tobytes())
     return out
 
 
 def _owned_bytes(model: Any) -> int:
-    """Bytes of the shards this process owns (`replica_id == 0`)."""
+    """Bytes of the regions this process writes (each distinct region once
+    in the job: `Backend.written_regions`)."""
+    import jax
+    import numpy as np
+
+    from fastbackup import backend
     from fastbackup.snapshot import collect_variables
 
-    return sum(s.data.nbytes for _, v in collect_variables(model)
-               for s in v.value.addressable_shards if s.replica_id == 0)
+    framework = backend.current()
+    total = 0
+    for _, v in collect_variables(model):
+        itemsize = np.dtype(v.value.dtype).itemsize
+        regions = framework.written_regions(v)
+        if regions is None:
+            # A fully addressable array: process 0 writes it whole.
+            if jax.process_index() == 0:
+                total += int(np.prod(v.shape)) * itemsize
+            continue
+        total += sum(int(np.prod(size)) * itemsize for _, size in regions)
+    return total
 
 
 def _error_text(e: BaseException) -> str:

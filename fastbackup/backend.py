@@ -19,6 +19,30 @@ import numpy as np
 # (client, process index, process count) of a multi-process job.
 Job = tuple[Any, int, int]
 
+# A region of a variable: its start and its shape.
+Region = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def region_of(index: tuple[Any, ...] | None, shape: tuple[int, ...]) -> Region:
+    """The region of a variable of `shape` that a sharding's index selects.
+
+    Args:
+        index: a tuple of slices, one per leading dimension (missing ones
+            take the whole dimension), as a JAX sharding's
+            `devices_indices_map` gives; `None` for the whole variable.
+        shape: the variable's shape.
+
+    Returns:
+        `(start, size)`, each a tuple of one int per dimension.
+    """
+    start, size = [], []
+    for dim, n in enumerate(shape):
+        sl = index[dim] if index is not None and dim < len(index) else slice(None)
+        lo, hi, _ = sl.indices(n)
+        start.append(lo)
+        size.append(hi - lo)
+    return tuple(start), tuple(size)
+
 
 class Backend:
     """The behaviour every backend shares; subclasses override what differs.
@@ -57,6 +81,20 @@ class Backend:
         `variable`, or `None` where it takes a whole host array."""
         return None
 
+    def written_regions(self, variable: Any) -> list[Region] | None:
+        """The regions of `variable` this process writes in a multi-process
+        job, or `None` where the variable is one whole array in every
+        process (written once, by process 0)."""
+        return None
+
+    def read_region(self, variable: Any, region: Region) -> np.ndarray:
+        """A host array of this process's copy of `region` of `variable`.
+
+        Raises:
+            RuntimeError: this process holds no such region any more.
+        """
+        raise NotImplementedError(f"{self.name} variables are not sharded")
+
     def assign_shards(
         self, variable: Any, sharding: Any,
         piece: Callable[[tuple[Any, ...]], np.ndarray],
@@ -64,15 +102,23 @@ class Backend:
         """Assigns the array whose piece at each index is `piece(index)`."""
         raise NotImplementedError(f"{self.name} variables are not sharded")
 
-    def skip_step(self, args: tuple[Any, ...], steps: int) -> Any:
+    def skip_step(
+        self, args: tuple[Any, ...], steps: int,
+        seen: Callable[[Any], None] | None = None,
+    ) -> Any:
         """Consumes the `steps` batches a train-function call would, without
-        training, and returns what the fit loop expects of the call."""
+        training, and returns what the fit loop expects of the call.
+
+        `seen`, when given, is called with each batch consumed.
+        """
         # The train function pulls its batches from the iterator it is given.
         for _ in range(steps):
             try:
-                next(args[0])
+                batch = next(args[0])
             except self.end_of_data:
                 break
+            if seen is not None:
+                seen(batch)
         return {}
 
     def overlap_obstacle(self, model: Any) -> str | None:
@@ -203,6 +249,54 @@ class Jax(Backend):
             sharding.addressable_devices_indices_map(shape).values()
         )
 
+    def written_regions(self, variable: Any) -> list[Region] | None:
+        # Which process writes which region is computed from the sharding
+        # alone, never from the array's shards: `addressable_shards` raises
+        # for an array Keras placed with `device_put` on a replicated
+        # sharding while each process has one device ("the input arrays
+        # must have one shard each"). Each distinct region is written once
+        # in the job, by its first device in the sharding's global order,
+        # the device JAX numbers replica 0 (`device_replica_id_map`), the
+        # same in every process.
+        import jax
+
+        value = variable.value
+        if not isinstance(value, jax.Array) or value.is_fully_addressable:
+            return None
+        shape = tuple(int(d) for d in variable.shape)
+        sharding = value.sharding
+        first: dict[Region, Any] = {}
+        for device, index in sharding.devices_indices_map(shape).items():
+            first.setdefault(region_of(index, shape), device)
+        mine = sharding.addressable_devices
+        return [
+            region
+            for region, device in sorted(first.items(), key=lambda i: i[1].id)
+            if device in mine
+        ]
+
+    def read_region(self, variable: Any, region: Region) -> np.ndarray:
+        value = variable.value
+        shape = tuple(int(d) for d in variable.shape)
+        if value.is_fully_replicated:
+            # Every device holds the whole array: JAX hands one replica.
+            if region == region_of(None, shape):
+                return np.asarray(value.addressable_data(0))
+        else:
+            # `addressable_data(i)` is one device's buffer (what JAX
+            # guarantees for every array, unlike `addressable_shards`).
+            indices = value.sharding.addressable_devices_indices_map(shape)
+            for i in range(len(indices)):
+                data = value.addressable_data(i)
+                (device,) = data.devices()
+                if region_of(indices[device], shape) == region:
+                    return np.asarray(data)
+        raise RuntimeError(
+            f"variable {getattr(variable, 'path', variable)} has no region "
+            f"at {region[0]} of shape {region[1]} in this process any more: "
+            "its sharding changed during training"
+        )
+
     def assign_shards(
         self, variable: Any, sharding: Any,
         piece: Callable[[tuple[Any, ...]], np.ndarray],
@@ -213,10 +307,13 @@ class Jax(Backend):
         variable.assign(jax.make_array_from_callback(
             shape, sharding, piece))  # type: ignore[arg-type]
 
-    def skip_step(self, args: tuple[Any, ...], steps: int) -> Any:
+    def skip_step(
+        self, args: tuple[Any, ...], steps: int,
+        seen: Callable[[Any], None] | None = None,
+    ) -> Any:
         # The train function takes (state, iterator) and returns
         # (logs, state): the state passes through untouched.
-        super().skip_step(args[1:], steps)
+        super().skip_step(args[1:], steps, seen)
         return {}, args[0]
 
 
@@ -233,8 +330,14 @@ class Torch(Backend):
             return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return tensor.numpy()
 
-    def skip_step(self, args: tuple[Any, ...], steps: int) -> Any:
-        return {}  # the loop already took this step's batch
+    def skip_step(
+        self, args: tuple[Any, ...], steps: int,
+        seen: Callable[[Any], None] | None = None,
+    ) -> Any:
+        # The loop already took this step's batch: it is the argument.
+        if seen is not None and args:
+            seen(args[0])
+        return {}
 
     def overlap_obstacle(self, model: Any) -> str | None:
         return None

@@ -72,6 +72,14 @@ class Config:
             lifetime; a killed job's backup can be taken over this long
             after its last renewal. `FASTBACKUP_LEASE_SECONDS`: seconds,
             from 0.5 to 86400. Defaults to 60.
+        lease_wait_seconds: the longest a new job waits for the lease of a
+            holder it cannot check to lapse (a holder on another host, or in
+            another pid namespace): it then takes the lease over, unless the
+            holder renews it meanwhile (a live job: `BackupDirLockedError`).
+            A lease valid longer than this is refused at once. A dead
+            holder on this same host is taken over without waiting.
+            `FASTBACKUP_LEASE_WAIT_SECONDS`: seconds, from 0.5 to 86400.
+            Defaults to 120 (two default lease lifetimes).
         retry_seconds: how long a request to an object store is retried
             (with exponential backoff, on 5xx, 503 SlowDown and dropped
             connections) before the write fails with `BackupWriteError`.
@@ -96,6 +104,7 @@ class Config:
     handle_sigterm: bool = False
     overlap: bool = False
     lease_seconds: float = 60.0
+    lease_wait_seconds: float = 120.0
     retry_seconds: float = 180.0
     peer_timeout_seconds: float = 300.0
 
@@ -162,11 +171,13 @@ def _seconds(name: str, raw: str) -> float:
 
 
 def seconds_from_environ(name: str) -> float:
-    """`FASTBACKUP_LEASE_SECONDS` or `FASTBACKUP_RETRY_SECONDS`, validated.
+    """`FASTBACKUP_LEASE_SECONDS`, `FASTBACKUP_LEASE_WAIT_SECONDS` or
+    `FASTBACKUP_RETRY_SECONDS`, validated.
 
     For stores opened outside a callback (the CLI); see `Config`.
     """
     field = {"FASTBACKUP_LEASE_SECONDS": "lease_seconds",
+             "FASTBACKUP_LEASE_WAIT_SECONDS": "lease_wait_seconds",
              "FASTBACKUP_RETRY_SECONDS": "retry_seconds"}[name]
     raw = os.environ.get(name)
     if raw is None:
@@ -214,6 +225,7 @@ def from_environ(environ: Mapping[str, str] | None = None) -> Config:
         "FASTBACKUP_HANDLE_SIGTERM": ("handle_sigterm", _bool),
         "FASTBACKUP_OVERLAP": ("overlap", _bool),
         "FASTBACKUP_LEASE_SECONDS": ("lease_seconds", _seconds),
+        "FASTBACKUP_LEASE_WAIT_SECONDS": ("lease_wait_seconds", _seconds),
         "FASTBACKUP_RETRY_SECONDS": ("retry_seconds", _seconds),
         "FASTBACKUP_PEER_TIMEOUT_SECONDS": ("peer_timeout_seconds", _seconds),
     }

@@ -39,14 +39,16 @@ instead of misreading it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import mmap
 import os
 import re
 import struct
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO, Protocol
 
 import msgpack
@@ -546,6 +548,22 @@ class CheckpointReader:
                           "is collected", self.path)
         self._file.close()
 
+    def _size(self) -> int:
+        return os.fstat(self._file.fileno()).st_size
+
+    def _begin_fetch(self, entries: Sequence[TensorEntry]) -> None:
+        """Starts reading `entries` ahead of their use (see `fetch`).
+
+        A file is mapped, and read by the kernel as its views are used:
+        nothing to do. `RangedCheckpointReader` sends its requests here.
+        """
+
+    def _finish_fetch(self) -> None:
+        """Waits for what `_begin_fetch` started."""
+
+    def fetch(self, entries: Sequence[TensorEntry]) -> None:
+        """Reads `entries` ahead of their use (nothing to do for a file)."""
+
     def _read_exact(self, offset: int, size: int) -> bytes:
         self._file.seek(offset)
         data = self._file.read(size)
@@ -555,7 +573,7 @@ class CheckpointReader:
 
     def _parse(self) -> None:
         path = self.path
-        self.file_size = os.fstat(self._file.fileno()).st_size
+        self.file_size = self._size()
         if self.file_size < PREFIX_SIZE + FOOTER_SIZE:
             raise _corrupt(path, f"file is too short ({self.file_size} bytes)")
         magic, version, flags = _PREFIX.unpack(self._read_exact(0, PREFIX_SIZE))
@@ -762,21 +780,7 @@ class CheckpointReader:
             if e.codec == "zstd":
                 # Compressed tensors are small by construction (they are
                 # compressed only when that pays); read them whole.
-                stored = self._read_stored(e)
-                _check_frame_size(self.path, e, stored)
-                produced = 0
-                reader = zstandard.ZstdDecompressor().stream_reader(stored)
-                try:
-                    while part := reader.read(chunk):
-                        produced += len(part)
-                        if produced > e.raw_size:
-                            break
-                except zstandard.ZstdError as err:
-                    raise _corrupt(self.path, f"tensor {e.name}: {err}") from None
-                if produced != e.raw_size:
-                    raise _corrupt(
-                        self.path, f"tensor {e.name} decompresses to a wrong size"
-                    )
+                _check_decoded_size(self.path, e, self._read_stored(e))
                 continue
             crc = 0
             remaining = e.stored_size + e.padding
@@ -788,6 +792,348 @@ class CheckpointReader:
                 crc = native.crc32c(data, crc)
             if crc != e.crc32c:
                 raise _corrupt(self.path, f"checksum mismatch in tensor {e.name}")
+
+
+def _check_decoded_size(path: str, entry: TensorEntry, stored: Any) -> None:
+    """Decodes a compressed tensor in bounded chunks to check its size."""
+    _check_frame_size(path, entry, stored)
+    produced = 0
+    reader = zstandard.ZstdDecompressor().stream_reader(stored)
+    try:
+        while part := reader.read(8 << 20):
+            produced += len(part)
+            if produced > entry.raw_size:
+                break
+    except zstandard.ZstdError as err:
+        raise _corrupt(path, f"tensor {entry.name}: {err}") from None
+    if produced != entry.raw_size:
+        raise _corrupt(path, f"tensor {entry.name} decompresses to a wrong size")
+
+
+class RangeSource(Protocol):
+    """One stored object, read by concurrent ranged requests.
+
+    Declared here so that the format depends on no store:
+    `stores.object_store` implements it for an object in a bucket.
+    """
+
+    @property
+    def size(self) -> int:
+        """The object's size in bytes."""
+
+    @property
+    def chunk_bytes(self) -> int:
+        """The length of one request that keeps the connection busy."""
+
+    def submit(
+        self, start: int, length: int, arrived: Callable[[Any], Any]
+    ) -> concurrent.futures.Future[Any]:
+        """Reads bytes `[start, start + length)` on a reading thread.
+
+        `arrived` is called on that thread with the bytes (a read-only
+        buffer); the future's result is what it returns.
+        """
+
+
+# The end of an object read when it is opened: the footer and, unless the
+# model has some thousands of tensors, the whole header in one request.
+TAIL_BYTES = 256 << 10
+
+
+class RangedCheckpointReader(CheckpointReader):
+    """Reads and verifies one checkpoint stored as an object, by ranges.
+
+    Opening reads the prefix and the end of the object (footer and header)
+    with two concurrent requests and verifies them as `CheckpointReader`
+    does; with `whole`, it reads the whole object instead, in concurrent
+    requests of `source.chunk_bytes` (as few requests as a plain parallel
+    download, with no round trip for the header before them), and `fetch`
+    then only verifies. The tensors are then read only when asked for (`fetch`, or a
+    view of one not fetched): in requests of about `source.chunk_bytes` cut
+    at tensor boundaries, all in flight at once, each tensor's checksum
+    verified on the reading thread as its bytes land, so that the checks
+    overlap the transfer and nothing is read twice. The buffers the client
+    returns are kept as they are (no copy); a tensor longer than one
+    request is assembled in an array of its own. A multi-process job's
+    process thereby reads, of each part, only the shards it holds.
+
+    Args:
+        path: the object's URL, for messages.
+        source: the object's bytes.
+        whole: read every byte at opening, for a reader that will need
+            them all. Defaults to `False`.
+
+    Raises:
+        CheckpointCorruptError: the object is not a valid checkpoint.
+        OSError: it cannot be read.
+    """
+
+    def __init__(self, path: str, source: RangeSource,
+                 whole: bool = False) -> None:
+        self.path = path
+        self._source = source
+        self._map = None
+        self._lock = threading.Lock()
+        self._pending: list[concurrent.futures.Future[Any]] = []
+        # Entry name -> its verified stored bytes and padding (uint8).
+        self._ready: dict[str, np.ndarray] = {}
+        self._asked: set[str] = set()
+        # (start, bytes) of the prefix and the end of the object.
+        self._cache: list[tuple[int, Any]] = []
+        try:
+            size = source.size
+            if size >= PREFIX_SIZE + FOOTER_SIZE:
+                if whole:
+                    chunk = source.chunk_bytes
+                    starts = list(range(0, size, chunk))
+                else:
+                    tail = max(0, size - TAIL_BYTES)
+                    starts = [0, tail] if tail >= ALIGNMENT else [0]
+                ends = starts[1:] + [size]
+                if not whole:
+                    ends[0] = min(ALIGNMENT, size)
+                self._pending = [
+                    source.submit(a, b - a, _same) for a, b in zip(starts, ends)
+                ]
+                self._cache = [
+                    (a, f.result()) for a, f in zip(starts, self._pending)
+                ]
+                self._pending = []
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    def _size(self) -> int:
+        return self._source.size
+
+    def close(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.cancel()
+        # A read still running writes into this reader's buffers.
+        concurrent.futures.wait(pending)
+        self._ready = {}
+        self._asked = set()
+        self._cache = []
+
+    def _cached(self, offset: int, size: int) -> np.ndarray | None:
+        """Bytes `[offset, offset + size)` from what was read at opening: a
+        view when one read holds them, a copy when they straddle reads."""
+        if size == 0:
+            return np.empty(0, np.uint8)
+        pieces = []
+        at = offset
+        for start, data in self._cache:
+            end = start + len(data)
+            if start <= at < end:
+                n = min(end, offset + size) - at
+                pieces.append(np.frombuffer(data, np.uint8, n, at - start))
+                at += n
+            if at == offset + size:
+                break
+        if at != offset + size or not pieces:
+            return None
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _read_exact(self, offset: int, size: int) -> bytes:
+        if offset < 0 or offset + size > self.file_size:
+            raise _corrupt(self.path, "file is truncated")
+        cached = self._cached(offset, size)
+        if cached is not None:
+            return cached.tobytes()
+        data = self._source.submit(offset, size, bytes).result()
+        if len(data) != size:
+            raise _corrupt(self.path, "file is truncated")
+        return data
+
+    # Tensors ---------------------------------------------------------
+
+    def _begin_fetch(self, entries: Sequence[TensorEntry]) -> None:
+        """Sends the requests for `entries` not read yet; returns at once."""
+        todo = sorted(
+            {e.name: e for e in entries if e.name not in self._asked}.values(),
+            key=lambda e: e.offset,
+        )
+        chunk = self._source.chunk_bytes
+        run: list[TensorEntry] = []
+
+        def send() -> None:
+            if run:
+                start = run[0].offset
+                end = run[-1].offset + run[-1].stored_size + run[-1].padding
+                group = tuple(run)
+                self._pending.append(self._source.submit(
+                    start, end - start,
+                    lambda data: self._landed(group, start, end - start, data),
+                ))
+                run.clear()
+
+        for e in todo:
+            self._asked.add(e.name)
+            span = e.stored_size + e.padding
+            cached = self._cached(e.offset, span)
+            if cached is not None:
+                # Read whole at opening: the checksum now, on this thread.
+                self._check(e, cached)
+                continue
+            if span > chunk:
+                send()
+                self._assemble(e, span, chunk)
+                continue
+            if run and (
+                e.offset != run[-1].offset + run[-1].stored_size + run[-1].padding
+                or e.offset + span - run[0].offset > chunk
+            ):
+                send()
+            run.append(e)
+        send()
+
+    def _finish_fetch(self) -> None:
+        """Waits for every request sent; raises the first error."""
+        pending, self._pending = self._pending, []
+        try:
+            for f in pending:
+                f.result()
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            concurrent.futures.wait(pending)
+            raise
+
+    def fetch(self, entries: Sequence[TensorEntry]) -> None:
+        """Reads and verifies `entries`, all requests in flight at once.
+
+        Raises:
+            CheckpointCorruptError: a tensor fails its checksum.
+            OSError: the object cannot be read.
+        """
+        try:
+            self._begin_fetch(entries)
+        finally:
+            self._finish_fetch()
+
+    def _check(self, entry: TensorEntry, region: np.ndarray) -> None:
+        if native.crc32c(region) != entry.crc32c:
+            raise _corrupt(self.path, f"checksum mismatch in tensor {entry.name}")
+        with self._lock:
+            self._ready[entry.name] = region
+
+    def _landed(self, group: tuple[TensorEntry, ...], start: int, length: int,
+                data: Any) -> None:
+        # On a reading thread: the CRC releases the GIL.
+        if len(data) != length:
+            raise _corrupt(self.path, "file is truncated")
+        view = np.frombuffer(data, np.uint8)
+        for e in group:
+            at = e.offset - start
+            self._check(e, view[at:at + e.stored_size + e.padding])
+
+    def _assemble(self, entry: TensorEntry, span: int, chunk: int) -> None:
+        out = np.empty(span, np.uint8)
+        left = [-(-span // chunk)]
+
+        def landed(at: int, n: int, data: Any) -> None:
+            if len(data) != n:
+                raise _corrupt(self.path, "file is truncated")
+            out[at:at + n] = np.frombuffer(data, np.uint8)
+            with self._lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._check(entry, out)
+
+        for at in range(0, span, chunk):
+            n = min(chunk, span - at)
+            self._pending.append(self._source.submit(
+                entry.offset + at, n,
+                lambda data, at=at, n=n: landed(at, n, data),
+            ))
+
+    def _stored(self, entry: TensorEntry) -> np.ndarray:
+        """The verified stored bytes of `entry`, read now if need be."""
+        if entry.name not in self._ready:
+            self._asked.discard(entry.name)
+            self.fetch([entry])
+        return self._ready[entry.name]
+
+    def verified_view(self, entry: TensorEntry) -> np.ndarray:
+        """One tensor's value, checksum verified: a read-only view of the
+        bytes read for a raw tensor, a new array for a compressed one.
+
+        Raises:
+            CheckpointCorruptError: checksum or size mismatch.
+        """
+        stored = self._stored(entry)
+        if entry.codec == "raw":
+            if entry.stored_size != entry.raw_size:
+                raise _corrupt(self.path, f"tensor {entry.name}: size mismatch")
+            value = stored[:entry.raw_size].view(entry.np_dtype)
+            return value.reshape(entry.shape)
+        out = np.empty(entry.shape, dtype=entry.np_dtype)
+        _decompress_into(self.path, entry, stored[:entry.stored_size].tobytes(),
+                         out)
+        return out
+
+    def read_tensor(self, entry: TensorEntry, out: np.ndarray) -> None:
+        if out.nbytes != entry.raw_size or not out.flags.c_contiguous:
+            raise ValueError(
+                f"output buffer does not fit tensor {entry.name}: "
+                f"{out.nbytes} bytes for {entry.raw_size}"
+            )
+        value = self.verified_view(entry)
+        np.copyto(out.reshape(-1).view(np.uint8),
+                  value.reshape(-1).view(np.uint8))
+
+    def verify(self) -> None:
+        """Verifies every tensor's checksum and decoded size.
+
+        Reads the object in batches, each dropped once checked, so that
+        memory stays bounded whatever its size.
+        """
+        batch: list[TensorEntry] = []
+        budget = 8 * self._source.chunk_bytes
+        for i, e in enumerate(self.entries):
+            batch.append(e)
+            if (i + 1 == len(self.entries)
+                    or sum(x.stored_size + x.padding for x in batch) >= budget):
+                self.fetch(batch)
+                for x in batch:
+                    if x.codec == "zstd":
+                        stored = self._ready[x.name][:x.stored_size].tobytes()
+                        _check_decoded_size(self.path, x, stored)
+                    self._ready.pop(x.name)
+                    self._asked.discard(x.name)
+                batch = []
+
+
+def _same(data: Any) -> Any:
+    return data
+
+
+def fetch(wanted: Sequence[tuple[CheckpointReader, Sequence[TensorEntry]]]) -> None:
+    """Reads ahead the tensors `wanted` of several readers, concurrently.
+
+    Every reader's requests are sent before any is waited for, so that the
+    parts of a multi-process checkpoint are read side by side. A file's
+    reader has nothing to do (it is mapped).
+
+    Raises:
+        CheckpointCorruptError: a tensor fails its checksum.
+        OSError: a stored object cannot be read.
+    """
+    try:
+        for reader, entries in wanted:
+            reader._begin_fetch(entries)  # noqa: SLF001
+    finally:
+        error: BaseException | None = None
+        for reader, _ in wanted:
+            try:
+                reader._finish_fetch()  # noqa: SLF001
+            except BaseException as e:  # every reader's reads must end
+                error = error or e
+        if error is not None:
+            raise error
 
 
 def _parts(path: str, raw: Any) -> list[dict[str, Any]]:

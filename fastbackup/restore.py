@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from fastbackup import backend
+from fastbackup import format as fmt
 from fastbackup.errors import CheckpointCorruptError, CheckpointMismatchError
 from fastbackup.format import CheckpointReader, TensorEntry
 from fastbackup.snapshot import collect_variables, host_dtype
@@ -119,14 +120,18 @@ def _covers(entries: list[TensorEntry], shape: tuple[int, ...]) -> bool:
 def _model_variables(
     model: keras.Model, names: set[str], where: str
 ) -> list[tuple[str, Any]]:
-    """The model's variables, without compiled metrics not yet built."""
+    """The model's variables, without compiled metrics not yet built.
+
+    The names of the saved variables left out are removed from `names`.
+    """
     variables = collect_variables(model)
     compiled = getattr(model, "_compile_metrics", None)
     if compiled is not None and not compiled.built:
         # On TensorFlow a fresh model builds its compiled metrics only when
         # the first train step is traced, after `on_train_begin`. Keras
-        # resets metrics at every epoch start, so their saved values carry
-        # nothing a resumed epoch would use.
+        # resets metrics at every epoch start, so their saved values matter
+        # only to a mid-epoch resume, which gets them (`unbuilt_metrics` of
+        # `restore_latest`) to assign once they are built.
         expected = {name for name, _ in variables}
         skipped = [n for n in names if n.startswith("metrics.") and n not in expected]
         for name in skipped:
@@ -138,9 +143,13 @@ def _model_variables(
 
 
 def _match(
-    where: str, saved: dict[str, _Saved], model: keras.Model
+    where: str, saved: dict[str, _Saved], model: keras.Model,
+    unbuilt: dict[str, _Saved] | None = None,
 ) -> list[tuple[Any, _Saved]]:
     """Pairs every model variable with its saved pieces.
+
+    `unbuilt`, when given, receives the saved pieces of the compiled metrics'
+    variables the model has not built yet, by name.
 
     Raises:
         CheckpointMismatchError: naming the first variable that differs.
@@ -148,6 +157,8 @@ def _match(
     """
     names = set(saved)
     variables = _model_variables(model, names, where)
+    if unbuilt is not None:
+        unbuilt.update((n, s) for n, s in saved.items() if n not in names)
     expected = {name for name, _ in variables}
     for name, variable in variables:
         path = getattr(variable, "path", name)
@@ -206,6 +217,33 @@ def match_state(
     """
     plan = _match(reader.path, _whole(reader), model)
     return [(variable, found.pieces[0][1]) for variable, found in plan]
+
+
+def _needed(
+    plan: list[tuple[Any, _Saved]], whole: bool = False
+) -> list[tuple[CheckpointReader, list[TensorEntry]]]:
+    """The saved pieces this process reads, by reader: those that meet the
+    regions of each variable it holds (every piece, with `whole`)."""
+    needed: dict[int, tuple[CheckpointReader, list[TensorEntry]]] = {}
+    for variable, saved in plan:
+        local = None if whole else _wanted(variable)
+        if local is None:
+            shape = tuple(int(d) for d in variable.shape)
+            regions: list[Region] = [((0,) * len(shape), shape)]
+        else:
+            regions = local[1]
+        for reader, entry in saved.pieces:
+            if any(_intersect((entry.offsets, entry.shape), r) is not None
+                   or not _volume(entry.shape) for r in regions):
+                needed.setdefault(id(reader), (reader, []))[1].append(entry)
+    return list(needed.values())
+
+
+def _fetch(plan: list[tuple[Any, _Saved]]) -> None:
+    """Reads ahead, all at once, the saved pieces this process will verify
+    and assign: from a bucket, only their byte ranges, every part's side by
+    side (a local file is mapped: nothing to do)."""
+    fmt.fetch(_needed(plan))
 
 
 def _whole(reader: CheckpointReader) -> dict[str, _Saved]:
@@ -284,20 +322,10 @@ def _wanted(variable: Any) -> tuple[Any, list[Region]] | None:
     shape = tuple(int(d) for d in variable.shape)
     regions: list[Region] = []
     for index in indices:
-        region = _region_of(index, shape)
+        region = backend.region_of(index, shape)
         if region not in regions:
             regions.append(region)
     return sharding, regions
-
-
-def _region_of(index: tuple[Any, ...], shape: tuple[int, ...]) -> Region:
-    start, size = [], []
-    for dim, n in enumerate(shape):
-        sl = index[dim] if dim < len(index) else slice(None)
-        lo, hi, _ = sl.indices(n)
-        start.append(lo)
-        size.append(hi - lo)
-    return tuple(start), tuple(size)
 
 
 class _Prepared:
@@ -343,21 +371,26 @@ class _Prepared:
             shape = tuple(int(d) for d in variable.shape)
             framework.assign_shards(
                 variable, sharding,
-                lambda index: pieces[_region_of(index, shape)],
+                lambda index: pieces[backend.region_of(index, shape)],
             )
             del pieces
             saved.drop_views()
 
 
 def _prepare(
-    store: LocationStore, reader: CheckpointReader, model: keras.Model
+    store: LocationStore, reader: CheckpointReader, model: keras.Model,
+    unbuilt: dict[str, _Saved] | None = None,
 ) -> tuple[_Prepared, ManifestParts | None]:
     """Matches and verifies a checkpoint; nothing is assigned yet."""
     if not reader.is_manifest:
-        return _Prepared(_match(reader.path, _whole(reader), model)), None
+        plan = _match(reader.path, _whole(reader), model, unbuilt)
+        _fetch(plan)
+        return _Prepared(plan), None
     parts = ManifestParts(store, reader)
     try:
-        return _Prepared(_match(reader.path, parts.saved(), model)), parts
+        plan = _match(reader.path, parts.saved(), model, unbuilt)
+        _fetch(plan)
+        return _Prepared(plan), parts
     except BaseException:
         parts.close()
         raise
@@ -399,7 +432,9 @@ def read_state(
         saved = _whole(reader)
     try:
         values = []
-        for variable, found in _match(reader.path, saved, model):
+        plan = _match(reader.path, saved, model)
+        fmt.fetch(_needed(plan, whole=True))
+        for variable, found in plan:
             shape = tuple(int(d) for d in variable.shape)
             value = found.region(((0,) * len(shape), shape), host_dtype(variable))
             values.append((variable, np.array(value)))
@@ -410,8 +445,33 @@ def read_state(
             parts.close()
 
 
-def make_ready(model: keras.Model) -> None:
+def _whole_values(saved: dict[str, _Saved]) -> dict[str, np.ndarray]:
+    """Each variable's whole saved value, verified, as a private copy."""
+    values = {}
+    for name, found in saved.items():
+        entry = found.pieces[0][1]
+        shape = entry.full_shape
+        values[name] = np.array(found.region(
+            ((0,) * len(shape), shape), fmt.dtype_from_name(entry.dtype)))
+        found.drop_views()
+    return values
+
+
+def make_ready(model: keras.Model, restoring: bool = True) -> None:
     """Builds what a restore loads into: the optimizer's variables.
+
+    Args:
+        model: the model.
+        restoring: a checkpoint is about to be loaded, so the optimizer is
+            built, as Keras's callback builds it before `load_weights`.
+            Otherwise (a `fit` that may have nothing to restore) it is
+            built only for a model whose every layer is built: a subclassed
+            model "built" with `model.build(shape)` may keep sublayers
+            unbuilt until its first train step (TensorFlow), and an
+            optimizer built now would hold slots for only part of its
+            trainable variables, then fail that step ("Unknown variable").
+            Left unbuilt, it is built by that step, as without any
+            callback. Defaults to True.
 
     Raises:
         ValueError: the model is not built (Keras's callback's message).
@@ -424,7 +484,9 @@ def make_ready(model: keras.Model) -> None:
             "beforehand by calling it on a batch of data."
         )
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and not optimizer.built:
+    if optimizer is not None and not optimizer.built and (
+        restoring or all(layer.built for layer in model._flatten_layers())
+    ):
         # Make sure optimizer variables exist before loading.
         optimizer.build(model.trainable_variables)
 
@@ -434,6 +496,7 @@ def restore_latest(
     model: keras.Model,
     fall_back: bool,
     agree: Callable[[bool], bool] | None = None,
+    unbuilt_metrics: dict[str, np.ndarray] | None = None,
 ) -> CheckpointReader | None:
     """Restores the newest valid checkpoint of `location` into `model`.
 
@@ -447,6 +510,10 @@ def restore_latest(
             verified the candidate and returns whether all did, so that
             every process restores the same checkpoint. Defaults to `None`
             (one process).
+        unbuilt_metrics: when given, receives the saved values (verified,
+            private copies) of the compiled metrics' variables that the
+            model has not built yet, by name ("metrics.<index>"), for the
+            caller to assign once they are built. Defaults to `None`.
 
     Returns:
         The reader of the checkpoint restored (closed), or `None` when the
@@ -465,19 +532,26 @@ def restore_latest(
     for _, path in candidates:
         error: CheckpointCorruptError | None = None
         reader = prepared = parts = None
+        pending: dict[str, np.ndarray] = {}
         try:
             try:
                 reader = store.open_checkpoint(path)
                 # Every checksum is verified before the model is touched.
                 # Whole values are views of the mapped file: it is read
                 # once, and no second copy of the state is allocated.
-                prepared, parts = _prepare(store, reader, model)
+                unbuilt: dict[str, _Saved] | None = (
+                    None if unbuilt_metrics is None else {}
+                )
+                prepared, parts = _prepare(store, reader, model, unbuilt)
+                pending = _whole_values(unbuilt or {})
             except CheckpointCorruptError as e:
                 log.warning("%s", e)
                 error = e
             everyone = agree(error is None) if agree is not None else error is None
             if everyone:
                 prepared.assign()  # type: ignore[union-attr]
+                if unbuilt_metrics is not None:
+                    unbuilt_metrics.update(pending)
             elif error is None:
                 error = CheckpointCorruptError(
                     path, "another process of the job could not verify it"

@@ -247,8 +247,21 @@ def collect_variables(model: keras.Model) -> list[tuple[str, Any]]:
 
 
 def host_dtype(variable: Any) -> np.dtype:
-    """The numpy dtype of a variable's host copy (bfloat16 via ml_dtypes)."""
-    return dtype_from_name(keras.backend.standardize_dtype(variable.dtype))
+    """The numpy dtype of a variable's host copy (bfloat16 via ml_dtypes).
+
+    That is the dtype of the array the backend really stores, which may not
+    be the declared one: JAX without `jax_enable_x64` stores a float64 or
+    int64 variable as float32 or int32. What is written, and what a restore
+    compares, is what is stored, so that a checkpoint restores wherever the
+    stored arrays agree.
+    """
+    value = getattr(variable, "value", None)
+    stored = getattr(value, "dtype", None)
+    return dtype_from_name(
+        keras.backend.standardize_dtype(
+            variable.dtype if stored is None else stored
+        )
+    )
 
 
 def _spec_of(name: str, variable: Any) -> TensorSpec:
@@ -271,49 +284,36 @@ class _Piece(NamedTuple):
 def _shard_pieces(name: str, variable: Any, process: int) -> list[_Piece]:
     """The shards of `variable` that this process writes.
 
-    Of each distinct shard exactly one copy is written in the whole job:
-    the one with `replica_id == 0` (the rule of Orbax and torch DCP), on
-    whichever process addresses it. An array that lives on this process's
-    devices only (not a global array) is the same in every process: process
-    0 writes it.
+    Of each distinct region of the variable exactly one copy is written in
+    the whole job, by the process of its first replica, as the sharding
+    assigns it (`backend.Backend.written_regions`; the rule of Orbax and
+    torch DCP). An array that lives on this process's devices only (not a
+    global array) is the same in every process: process 0 writes it.
     """
-    value = variable.value
+    framework = backend.current()
     path = str(getattr(variable, "path", name))
     dtype = host_dtype(variable)
     global_shape = tuple(int(d) for d in variable.shape)
-    if not hasattr(value, "addressable_shards") or value.is_fully_addressable:
+    regions = framework.written_regions(variable)
+    if regions is None:
         if process != 0:
             return []
         spec = TensorSpec(f"{name}:0", path, dtype, global_shape, global_shape,
                           (0,) * len(global_shape))
-        return [_Piece(variable, backend.current().read_host, spec)]
-    shards = sorted(
-        (s for s in value.addressable_shards if s.replica_id == 0),
-        key=lambda s: s.device.id,
-    )
+        return [_Piece(variable, framework.read_host, spec)]
     pieces = []
-    for ordinal, shard in enumerate(shards):
-        start = tuple(
-            int(sl.start or 0) for sl in shard.index
-        ) + (0,) * (len(global_shape) - len(shard.index))
-        shape = tuple(int(d) for d in shard.data.shape)
+    for ordinal, (start, shape) in enumerate(regions):
         spec = TensorSpec(f"{name}:{ordinal}", path, dtype, shape,
                           global_shape, start)
-        pieces.append(_Piece(variable, _shard_reader(shard.device), spec))
+        pieces.append(_Piece(variable, _shard_reader((start, shape)), spec))
     return pieces
 
 
-def _shard_reader(device: Any) -> Callable[[Any], np.ndarray]:
-    """Reads the `replica_id == 0` shard on `device` of a variable."""
+def _shard_reader(region: backend.Region) -> Callable[[Any], np.ndarray]:
+    """Reads this process's copy of `region` of a variable."""
 
     def read(variable: Any) -> np.ndarray:
-        for shard in variable.value.addressable_shards:
-            if shard.device == device and shard.replica_id == 0:
-                return np.asarray(shard.data)
-        raise RuntimeError(
-            f"variable {getattr(variable, 'path', variable)} has no shard on "
-            f"{device} any more: its sharding changed during training"
-        )
+        return backend.current().read_region(variable, region)
 
     return read
 

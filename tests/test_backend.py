@@ -110,3 +110,26 @@ def test_single_process_holds_whole_variables():
     assert framework.job() is None
     assert framework.process_part() is None
     assert all(framework.local_shards(v) is None for v in model.variables)
+
+
+@pytest.mark.parametrize("index, region", [
+    (None, ((0, 0), (4, 6))),
+    ((slice(None),), ((0, 0), (4, 6))),
+    ((slice(2, 4),), ((2, 0), (2, 6))),
+    ((slice(None), slice(3, 6)), ((0, 3), (4, 3))),
+    ((slice(0, 2), slice(None, 3)), ((0, 0), (2, 3))),
+])
+def test_region_of_a_sharding_index(index, region):
+    # What `devices_indices_map` gives for one device: slices of the
+    # leading dimensions, the rest whole.
+    assert backend.region_of(index, (4, 6)) == region
+
+
+def test_one_process_writes_whole_variables():
+    # Sharded layouts across processes are tested by tests/test_sharding.py
+    # (JAX processes with 1 and 2 devices each); in one process every
+    # variable is written whole.
+    model = make_model()
+    model.build((None, 6))
+    framework = backend.current()
+    assert all(framework.written_regions(v) is None for v in model.variables)

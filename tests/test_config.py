@@ -52,6 +52,10 @@ def test_defaults():
     assert c.resume_mid_epoch is False
     assert c.handle_sigterm is False
     assert c.overlap is False
+    assert c.lease_seconds == 60.0
+    assert c.lease_wait_seconds == 120.0
+    assert c.retry_seconds == 180.0
+    assert c.peer_timeout_seconds == 300.0
 
 
 def test_config_is_frozen():
@@ -198,6 +202,43 @@ def test_log_level_invalid(raw):
     assert logger.level == logging.ERROR
 
 
+# Durations (seconds) -----------------------------------------------------------
+
+DURATIONS = [
+    ("FASTBACKUP_LEASE_SECONDS", "lease_seconds"),
+    ("FASTBACKUP_LEASE_WAIT_SECONDS", "lease_wait_seconds"),
+    ("FASTBACKUP_RETRY_SECONDS", "retry_seconds"),
+    ("FASTBACKUP_PEER_TIMEOUT_SECONDS", "peer_timeout_seconds"),
+]
+
+
+@pytest.mark.parametrize("name, field", DURATIONS)
+@pytest.mark.parametrize("raw, value", [
+    ("0.5", 0.5), ("2", 2.0), (" 90 ", 90.0), ("86400", 86400.0)])
+def test_durations(name, field, raw, value):
+    assert getattr(parse(**{name: raw}), field) == value
+
+
+@pytest.mark.parametrize("name, field", DURATIONS)
+@pytest.mark.parametrize("raw", ["0", "0.4", "-1", "86401", "nan", "inf",
+                                 "", "1m"])
+def test_durations_invalid(name, field, raw):
+    assert_rejected(name, raw, "from 0.5 to 86400")
+
+
+@pytest.mark.parametrize("name, field", [
+    (n, f) for n, f in DURATIONS if n != "FASTBACKUP_PEER_TIMEOUT_SECONDS"])
+def test_store_durations_read_outside_a_callback(monkeypatch, name, field):
+    # The CLI opens stores without a callback: the same variable, the same
+    # validation, the same default.
+    assert config.seconds_from_environ(name) == getattr(config.Config, field)
+    monkeypatch.setenv(name, "7.5")
+    assert config.seconds_from_environ(name) == 7.5
+    monkeypatch.setenv(name, "0")
+    with pytest.raises(ConfigError, match=f"{name}='0'"):
+        config.seconds_from_environ(name)
+
+
 # Unknown and out-of-band variables ---------------------------------------------
 
 
@@ -213,7 +254,8 @@ def test_unknown_variable_is_rejected(name):
                   "FASTBACKUP_HANDLE_SIGTERM", "FASTBACKUP_LOG_LEVEL",
                   "FASTBACKUP_ON_BUSY", "FASTBACKUP_ON_ERROR",
                   "FASTBACKUP_PENDING_SNAPSHOTS", "FASTBACKUP_PURE_PYTHON",
-                  "FASTBACKUP_RESUME_MID_EPOCH", "FASTBACKUP_OVERLAP"):
+                  "FASTBACKUP_RESUME_MID_EPOCH", "FASTBACKUP_OVERLAP",
+                  "FASTBACKUP_LEASE_WAIT_SECONDS"):
         assert known in message
 
 
@@ -240,12 +282,17 @@ def test_every_variable_at_once():
         FASTBACKUP_RESUME_MID_EPOCH="yes",
         FASTBACKUP_HANDLE_SIGTERM="on",
         FASTBACKUP_OVERLAP="on",
+        FASTBACKUP_LEASE_SECONDS="30",
+        FASTBACKUP_LEASE_WAIT_SECONDS="45",
+        FASTBACKUP_RETRY_SECONDS="20",
+        FASTBACKUP_PEER_TIMEOUT_SECONDS="50",
         FASTBACKUP_PURE_PYTHON="0",
     )
     assert c == config.Config(
         compression_level=5, on_busy="wait", pending_snapshots=1, fsync=False,
         on_error="warn", log_level="info", resume_mid_epoch=True,
-        handle_sigterm=True, overlap=True,
+        handle_sigterm=True, overlap=True, lease_seconds=30.0,
+        lease_wait_seconds=45.0, retry_seconds=20.0, peer_timeout_seconds=50.0,
     )
 
 

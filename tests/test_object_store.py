@@ -1,6 +1,7 @@
-"""Backups in an object store: `fastbackup.stores.object_store` against a real S3
-server (moto, its own process on 127.0.0.1), end to end with Keras models,
-under faults injected by a proxy, and across `kill -9`."""
+"""Backups in an object store: `fastbackup.stores.object_store` against real
+servers on 127.0.0.1, each test on S3 (moto) and GCS (fake-gcs-server behind
+the XML-API adapter of `tests/gcs_adapter.py`) alike: end to end with Keras
+models, under faults injected by a proxy, and across `kill -9`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +31,6 @@ from fastbackup.stores.local import LocalStore
 from fastbackup.stores.location import open_store
 from fastbackup.stores.names import MODEL_CONFIG_NAME, part_name
 from tests.conftest import (
-    TENSOR_BYTE,
     InterruptAt,
     all_state,
     assert_state_equal,
@@ -40,7 +39,6 @@ from tests.conftest import (
     make_model,
     worker_env,
 )
-from tests.object_servers import list_multipart_uploads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_TIMEOUT = 120
@@ -86,15 +84,15 @@ def test_object_url_needs_bucket_and_own_prefix(url):
         open_store(url)
 
 
-def test_open_store_picks_one_store_per_kind(tmp_path, s3_url):
+def test_open_store_picks_one_store_per_kind(tmp_path, bucket_url):
     assert isinstance(open_store(str(tmp_path)), LocalStore)
     local = open_store(f"file://{tmp_path}")
     assert isinstance(local, LocalStore)
     assert local.directory == str(tmp_path)
-    s3 = open_store(s3_url + "/")
-    assert isinstance(s3, object_store.ObjectStore)
-    assert s3.location == s3_url
-    assert open_store(s3) is s3
+    remote = open_store(bucket_url + "/")
+    assert isinstance(remote, object_store.ObjectStore)
+    assert remote.location == bucket_url
+    assert open_store(remote) is remote
 
 
 @pytest.mark.parametrize("name", ["FASTBACKUP_LEASE_SECONDS",
@@ -109,13 +107,14 @@ def test_seconds_variables_are_validated(monkeypatch, name, raw):
 # Store operations ---------------------------------------------------------------
 
 
-def test_commit_is_the_same_file_as_on_disk(tmp_path, s3_url, monkeypatch):
+def test_commit_is_the_same_file_as_on_disk(tmp_path, bucket, monkeypatch):
+    bucket_url = bucket.url
     # Larger than a part: a multipart upload with parts in flight together.
     monkeypatch.setattr(object_store, "PART_BYTES", 5 << 20)
     encoded = _encoded(3, n=3 << 20)  # 12 MiB + 24 MiB
-    store = open_store(s3_url)
+    store = open_store(bucket_url)
     result = store.commit(3, encoded, sync=True)
-    assert result.path == f"{s3_url}/ckpt-000000000003.fbk"
+    assert result.path == f"{bucket_url}/ckpt-000000000003.fbk"
     assert store.list_checkpoints() == [(3, result.path)]
     local = LocalStore(str(tmp_path)).commit(3, _encoded(3, n=3 << 20), sync=False)
     with open(local.path, "rb") as f:
@@ -127,12 +126,11 @@ def test_commit_is_the_same_file_as_on_disk(tmp_path, s3_url, monkeypatch):
         reader.verify()
         assert reader.step == 3
         assert reader.path == result.path
-    assert list_multipart_uploads(os.environ["AWS_ENDPOINT_URL"],
-                                  store.bucket) == []
+    assert bucket.multipart_uploads() == []
 
 
-def test_small_commit_and_prune_keep_the_record_first(s3_url):
-    store = open_store(s3_url)
+def test_small_commit_and_prune_keep_the_record_first(bucket_url):
+    store = open_store(bucket_url)
     assert store.list_checkpoints() == [] and not store.exists()
     for step in range(3):
         store.commit(step, _encoded(step), sync=True)
@@ -143,21 +141,22 @@ def test_small_commit_and_prune_keep_the_record_first(s3_url):
                              "ckpt-000000000002.fbk"]
 
 
-def test_uncommitted_objects_are_removed_committed_kept(s3_url):
-    store = open_store(s3_url)
+def test_uncommitted_objects_are_removed_committed_kept(bucket_url):
+    store = open_store(bucket_url)
     store.commit(0, _encoded(0), sync=True)
     # A writer killed between its data object and the commit record.
     obstore.put(store.client, store._key("ckpt-000000000001.fbk"), b"partial")
     obstore.put(store.client, store._key("notes.txt"), b"not ours to remove")
     assert [s for s, _ in store.list_checkpoints()] == [0]
     removed = store.remove_temp_files()
-    assert removed == [f"{s3_url}/ckpt-000000000001.fbk"]
+    assert removed == [f"{bucket_url}/ckpt-000000000001.fbk"]
     assert _names(store) == ["COMMITTED", "ckpt-000000000000.fbk", "notes.txt"]
 
 
-def test_cancelled_upload_leaves_nothing(s3_url, monkeypatch):
+def test_cancelled_upload_leaves_nothing(bucket, monkeypatch):
+    bucket_url = bucket.url
     monkeypatch.setattr(object_store, "PART_BYTES", 5 << 20)
-    store = open_store(s3_url)
+    store = open_store(bucket_url)
     store.commit(0, _encoded(0), sync=True)
     encoded = _encoded(1, n=3 << 20)
     cancel = threading.Event()
@@ -167,8 +166,7 @@ def test_cancelled_upload_leaves_nothing(s3_url, monkeypatch):
     with pytest.raises(WriteCancelled):
         store.commit(1, encoded, sync=True, cancel=cancel)
     assert _names(store) == ["COMMITTED", "ckpt-000000000000.fbk"]
-    assert list_multipart_uploads(os.environ["AWS_ENDPOINT_URL"],
-                                  store.bucket) == []
+    assert bucket.multipart_uploads() == []
 
 
 class _SetOnLen(bytes):
@@ -184,8 +182,8 @@ class _SetOnLen(bytes):
         return super().__len__()
 
 
-def test_small_objects_roundtrip_and_go_with_the_backup(s3_url, tmp_path):
-    for store in (open_store(s3_url),
+def test_small_objects_roundtrip_and_go_with_the_backup(bucket_url, tmp_path):
+    for store in (open_store(bucket_url),
                   open_store(str(tmp_path / "b"))):
         owner = _Owner()
         store.acquire_lock(owner, owner.flush)
@@ -201,12 +199,12 @@ def test_small_objects_roundtrip_and_go_with_the_backup(s3_url, tmp_path):
         assert not store.exists()
 
 
-def test_damaged_commit_record_is_an_error_naming_it(s3_url):
-    store = open_store(s3_url)
+def test_damaged_commit_record_is_an_error_naming_it(bucket_url):
+    store = open_store(bucket_url)
     obstore.put(store.client, store._key("COMMITTED"), b"{not json")
     with pytest.raises(OSError, match="commit record is damaged") as info:
         store.list_checkpoints()
-    assert info.value.filename == f"{s3_url}/COMMITTED"
+    assert info.value.filename == f"{bucket_url}/COMMITTED"
 
 
 # Lease lock ---------------------------------------------------------------------
@@ -214,10 +212,7 @@ def test_damaged_commit_record_is_an_error_naming_it(s3_url):
 _HOLDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
-    from fastbackup.stores.local import LocalStore
-    from fastbackup.stores.names import MODEL_CONFIG_NAME, part_name
     from fastbackup.stores.location import open_store
-    from fastbackup.stores.base import WriteCancelled
     class Owner:
         def flush(self): pass
     owner = Owner()
@@ -244,48 +239,32 @@ def _start_holder(url, lease):
     return proc
 
 
-def test_second_job_is_refused_while_the_first_renews(s3_url):
+def _lease_body(store):
+    return json.loads(bytes(obstore.get(store.client, store._key("LEASE")).bytes()))
+
+
+def test_second_job_is_refused_while_the_first_renews(bucket_url):
     # Lifetimes of 3 s (renewed every 0.75 s) leave a loaded machine's
     # scheduling delays far from the expiry.
-    holder = _start_holder(s3_url, lease=3.0)
+    holder = _start_holder(bucket_url, lease=3.0)
     try:
         owner = _Owner()
-        # Checked over more than a lifetime: the holder kept renewing.
+        # Checked over more than a lifetime: the holder kept renewing, and
+        # a live holder on this host is refused at once, without a wait.
         for _ in range(3):
-            store = open_store(s3_url, lease_seconds=3.0)
+            store = open_store(bucket_url, lease_seconds=3.0)
+            start = time.monotonic()
             with pytest.raises(BackupDirLockedError, match="locked by another job"):
                 store.acquire_lock(owner, owner.flush)
+            assert time.monotonic() - start < 1.5
             time.sleep(1.6)
     finally:
         holder.kill()
         holder.wait(timeout=SUBPROCESS_TIMEOUT)
 
 
-def test_killed_jobs_lease_is_taken_over_after_expiry(s3_url, caplog):
-    holder = _start_holder(s3_url, lease=3.0)
-    holder.send_signal(signal.SIGKILL)
-    holder.wait(timeout=SUBPROCESS_TIMEOUT)
-    killed_at = time.monotonic()
-    store = open_store(s3_url, lease_seconds=3.0)
-    owner = _Owner()
-    with pytest.raises(BackupDirLockedError, match="lease valid"):
-        store.acquire_lock(owner, owner.flush)
-    # The lease was last renewed before the kill: it has expired 3 s later.
-    time.sleep(max(0.0, killed_at + 3.1 - time.monotonic()))
-    with caplog.at_level(logging.WARNING, logger="fastbackup"):
-        store.acquire_lock(owner, owner.flush)
-    assert "took over the expired lease" in caplog.text
-    try:
-        lease = json.loads(bytes(obstore.get(
-            store.client, store._key("LEASE")).bytes()))
-        assert lease["pid"] == os.getpid()
-    finally:
-        store.release_lock(owner)
-    assert "LEASE" not in _names(store)
-
-
-def test_lease_taken_over_behind_our_back_stops_commits(s3_url):
-    store = open_store(s3_url, lease_seconds=0.8)
+def test_lease_taken_over_behind_our_back_stops_commits(bucket_url):
+    store = open_store(bucket_url, lease_seconds=0.8)
     owner = _Owner()
     store.acquire_lock(owner, owner.flush)
     try:
@@ -305,8 +284,8 @@ def test_lease_taken_over_behind_our_back_stops_commits(s3_url):
     assert "LEASE" in _names(store)
 
 
-def test_same_process_rules_match_the_local_lock(s3_url):
-    store = open_store(s3_url, lease_seconds=5)
+def test_same_process_rules_match_the_local_lock(bucket_url):
+    store = open_store(bucket_url, lease_seconds=5)
     first, second = _Owner(), _Owner()
     store.acquire_lock(first, first.flush)
     errors = []
@@ -329,16 +308,264 @@ def test_same_process_rules_match_the_local_lock(s3_url):
     assert "LEASE" not in _names(store)
 
 
+# Taking over a dead job's lease -----------------------------------------------------
+
+# A lease long enough that a take-over within it cannot be its expiry.
+LONG_LEASE = 60.0
+
+
+def _wait_for_state(pid, states):
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while time.monotonic() < deadline:
+        stat = object_store._proc_stat(pid)
+        if stat is None or stat[0] in states:
+            return stat
+        time.sleep(0.01)
+    pytest.fail(f"pid {pid} never reached state {states}")
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_killed_holder_on_this_host_is_taken_over_at_once(
+        bucket_url, caplog, reaped):
+    holder = _start_holder(bucket_url, lease=LONG_LEASE)
+    store = open_store(bucket_url, lease_seconds=LONG_LEASE)
+    held = _lease_body(store)
+    assert held["pid"] == holder.pid and held["start"] is not None
+    holder.send_signal(signal.SIGKILL)
+    if reaped:
+        holder.wait(timeout=SUBPROCESS_TIMEOUT)
+    else:
+        # Killed, not yet reaped by its parent: its pid is still there.
+        assert _wait_for_state(holder.pid, ("Z", "X")) is not None
+    owner = _Owner()
+    try:
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="fastbackup"):
+            store.acquire_lock(owner, owner.flush)
+        assert time.monotonic() - start < 10  # not the 60 s expiry
+        assert "its process on this host is gone" in caplog.text
+        assert _lease_body(store)["pid"] == os.getpid()
+    finally:
+        store.release_lock(owner)
+        holder.kill()
+        holder.wait(timeout=SUBPROCESS_TIMEOUT)
+    assert "LEASE" not in _names(store)
+
+
+def _write_lease(store, **fields):
+    body = {"owner": "another-job", "host": "another-host",
+            "boot": "another-boot", "pidns": "pid:[1]", "pid": 4242,
+            "start": "1", "seconds": 3.0, **fields}
+    return obstore.put(store.client, store._key("LEASE"),
+                       json.dumps(body).encode())
+
+
+@pytest.mark.parametrize("same_start", [True, False],
+                         ids=["its-process", "reused-pid"])
+def test_a_reused_pid_is_not_mistaken_for_the_holder(bucket_url, same_start):
+    # A lease recording a process of this host: the pid of a running
+    # process, with its start time (that process holds it) or another one
+    # (the holder died and its pid went to this process).
+    other = subprocess.Popen([sys.executable, "-c",
+                              "import time; time.sleep(600)"])
+    try:
+        me = object_store._this_process()
+        start = object_store._proc_stat(other.pid)[1]
+        store = open_store(bucket_url, lease_seconds=LONG_LEASE)
+        _write_lease(store, **{**me, "pid": other.pid,
+                               "start": start if same_start else start + "7",
+                               "expires": time.time() + LONG_LEASE})
+        owner = _Owner()
+        begin = time.monotonic()
+        if same_start:
+            with pytest.raises(BackupDirLockedError,
+                               match=f"pid {other.pid}, lease valid"):
+                store.acquire_lock(owner, owner.flush)
+            assert _lease_body(store)["owner"] == "another-job"
+        else:
+            store.acquire_lock(owner, owner.flush)
+            assert _lease_body(store)["owner"] != "another-job"
+            store.release_lock(owner)
+        assert time.monotonic() - begin < 10  # no wait for the expiry
+    finally:
+        other.kill()
+        other.wait(timeout=SUBPROCESS_TIMEOUT)
+
+
+def test_another_hosts_lease_is_taken_over_once_it_lapses_not_before(
+        bucket_url, caplog):
+    store = open_store(bucket_url, lease_seconds=LONG_LEASE,
+                       lease_wait_seconds=10)
+    expires = time.time() + 2.5
+    _write_lease(store, expires=expires)
+    seen = []
+    stop = threading.Event()
+
+    def watch():
+        # Who holds the lease, and when (wall clock, as the expiry).
+        while not stop.is_set():
+            seen.append((time.time(), _lease_body(store)["owner"]))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    owner = _Owner()
+    try:
+        with caplog.at_level(logging.WARNING, logger="fastbackup"):
+            store.acquire_lock(owner, owner.flush)
+        took = time.time()
+        stop.set()
+        watcher.join(timeout=30)
+        assert took >= expires
+        assert all(who == "another-job" for t, who in seen if t < expires)
+        assert any(t < expires - 1 for t, _ in seen)  # it watched the wait
+        waits = [r for r in caplog.records if "waiting until" in r.getMessage()]
+        assert len(waits) == 1
+        assert "another-host" in waits[0].getMessage()
+        assert "lapsed while this job waited" in caplog.text
+        assert _lease_body(store)["pid"] == os.getpid()
+    finally:
+        stop.set()
+        store.release_lock(owner)
+
+
+def test_a_lease_renewed_while_waiting_is_a_live_job(bucket_url):
+    store = open_store(bucket_url, lease_seconds=LONG_LEASE,
+                       lease_wait_seconds=10)
+    _write_lease(store, expires=time.time() + 3.0)
+
+    def renew():
+        # The holder on the other host, alive: renews at a quarter of 3 s.
+        time.sleep(0.75)
+        _write_lease(store, expires=time.time() + 3.0)
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    owner = _Owner()
+    start = time.monotonic()
+    with pytest.raises(BackupDirLockedError, match="renewed") as info:
+        store.acquire_lock(owner, owner.flush)
+    assert time.monotonic() - start < 3.0  # refused at the renewal
+    assert "host another-host, pid 4242" in str(info.value)
+    renewer.join(timeout=30)
+    assert _lease_body(store)["owner"] == "another-job"
+
+
+def test_a_lease_valid_longer_than_the_wait_is_refused_at_once(bucket_url):
+    store = open_store(bucket_url, lease_seconds=LONG_LEASE,
+                       lease_wait_seconds=2)
+    _write_lease(store, expires=time.time() + 30, seconds=30.0)
+    owner = _Owner()
+    start = time.monotonic()
+    with pytest.raises(BackupDirLockedError,
+                       match="FASTBACKUP_LEASE_WAIT_SECONDS=2"):
+        store.acquire_lock(owner, owner.flush)
+    assert time.monotonic() - start < 2
+    assert _lease_body(store)["owner"] == "another-job"
+
+
+def test_lease_wait_comes_from_the_environment(bucket_url, monkeypatch):
+    monkeypatch.setenv("FASTBACKUP_LEASE_WAIT_SECONDS", "7")
+    assert open_store(bucket_url).lease_wait_seconds == 7.0
+    monkeypatch.setenv("FASTBACKUP_LEASE_WAIT_SECONDS", "0")
+    with pytest.raises(ValueError, match="FASTBACKUP_LEASE_WAIT_SECONDS='0'"):
+        open_store(bucket_url)
+    monkeypatch.setenv("FASTBACKUP_LEASE_WAIT_SECONDS", "7")
+    cb = fastbackup.BackupAndRestore(bucket_url)
+    assert cb.config.lease_wait_seconds == 7.0
+    assert cb._location_store.lease_wait_seconds == 7.0
+
+
+_RESTARTED_TRAINER = textwrap.dedent("""
+    import hashlib, os, sys
+    sys.path.insert(0, {repo!r})
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import fastbackup
+    from tests.conftest import all_state, make_data, make_model
+    keras.utils.set_random_seed(1)
+    x, y = make_data(n=64)
+    model = make_model()
+
+    class Digests(keras.callbacks.Callback):
+        # After fastbackup's save of the same batch: the state it saved.
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+        def on_train_batch_end(self, batch, logs=None):
+            digest = hashlib.sha256(b"".join(
+                a.tobytes() for a in all_state(self.model, metrics=False)))
+            print("state", self.epoch, batch, digest.hexdigest(), flush=True)
+
+    model.fit(x, y, epochs=100, batch_size=8, verbose=0,
+              callbacks=[fastbackup.BackupAndRestore({url!r}, save_freq=1,
+                                                     delete_checkpoint=False),
+                         Digests()])
+""")
+
+
+def test_kill_9_then_an_immediate_restart_restores_a_consistent_checkpoint(
+        bucket_url):
+    import hashlib
+
+    # The default lease (60 s): the restart must not wait for it.
+    env = worker_env()
+    store = open_store(bucket_url)
+    for kill in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-c",
+             _RESTARTED_TRAINER.format(repo=REPO, url=bucket_url)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        digests = {}
+        try:
+            deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+            while len(digests) < 4 + 3 * kill and time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read()[-3000:]
+                _, epoch, batch, digest = line.split()
+                digests[(int(epoch), int(batch))] = digest
+            # Killed once a checkpoint is committed (the first upload may
+            # still be on its way after these batches).
+            while not store.list_checkpoints() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=SUBPROCESS_TIMEOUT)
+        # The states printed before the kill but not read yet: the newest
+        # checkpoint may be of one of them.
+        for line in proc.stdout.read().splitlines():
+            fields = line.split()
+            if len(fields) == 4 and len(fields[3]) == 64:
+                digests[(int(fields[1]), int(fields[2]))] = fields[3]
+        # At once: the restarted job's callback, in this process.
+        start = time.monotonic()
+        model = make_model()
+        callback = fastbackup.BackupAndRestore(bucket_url, save_freq=1,
+                                               delete_checkpoint=False)
+        callback.set_model(model)
+        callback.on_train_begin()
+        try:
+            assert time.monotonic() - start < 30  # not the lease's 60 s
+            assert store.list_checkpoints()
+            step, epoch, batch = callback.restored_from
+            assert step == store.list_checkpoints()[0][0]
+            got = hashlib.sha256(b"".join(
+                a.tobytes() for a in all_state(model, metrics=False)))
+            assert got.hexdigest() == digests[(epoch, batch)], (epoch, batch)
+        finally:
+            callback.store.release_lock(callback)
+
+
 # End to end ---------------------------------------------------------------------
 
 
 def test_interrupted_fit_resumes_from_the_bucket_and_empties_it(
-    s3_url, monkeypatch
+    bucket_url, monkeypatch
 ):
     monkeypatch.setenv("FASTBACKUP_ON_BUSY", "wait")
     x, y = make_data()
     model = make_model()
-    callback = fastbackup.BackupAndRestore(s3_url, save_freq=3)
+    callback = fastbackup.BackupAndRestore(bucket_url, save_freq=3)
     # 8 batches per epoch: the 21st batch (epoch 2, batch 4) saves, then
     # the job dies.
     with pytest.raises(RuntimeError, match="Interrupting"):
@@ -346,14 +573,14 @@ def test_interrupted_fit_resumes_from_the_bucket_and_empties_it(
                   callbacks=[callback, InterruptAt(2, 4)])
     callback.wait_until_finished()
     saved = all_state(model, metrics=False)
-    store = open_store(s3_url)
+    store = open_store(bucket_url)
     [(step, url)] = store.list_checkpoints()
-    assert url.startswith(s3_url + "/")
+    assert url.startswith(bucket_url + "/")
     store.release_lock(callback)
 
     # A new process's fit (fresh model, fresh callback) resumes.
     resumed = fresh_model()
-    again = fastbackup.BackupAndRestore(s3_url, save_freq=3)
+    again = fastbackup.BackupAndRestore(bucket_url, save_freq=3)
     again.set_model(resumed)
     again.on_train_begin()
     assert again.restored_from[0] == step
@@ -363,27 +590,27 @@ def test_interrupted_fit_resumes_from_the_bucket_and_empties_it(
 
     history = fresh_model().fit(
         x, y, epochs=4, batch_size=4, verbose=0,
-        callbacks=[fastbackup.BackupAndRestore(s3_url, save_freq=3)],
+        callbacks=[fastbackup.BackupAndRestore(bucket_url, save_freq=3)],
     )
     assert len(history.history["loss"]) == 2  # epochs 2 and 3
     # A successful fit empties the prefix, lease included.
     assert not store.exists()
 
 
-def test_double_checkpoint_falls_back_when_the_newest_is_damaged(s3_url):
+def test_double_checkpoint_falls_back_when_the_newest_is_damaged(bucket_url):
     x, y = make_data()
     model = make_model()
-    callback = fastbackup.BackupAndRestore(s3_url, save_freq=2,
+    callback = fastbackup.BackupAndRestore(bucket_url, save_freq=2,
                                            double_checkpoint=True,
                                            delete_checkpoint=False)
     model.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[callback])
-    store = open_store(s3_url)
+    store = open_store(bucket_url)
     (newest, newest_url), (previous, _) = store.list_checkpoints()
     key = store._key(newest_url.rsplit("/", 1)[1])
     data = bytearray(obstore.get(store.client, key).bytes())
     data[20] ^= 0x10
     obstore.put(store.client, key, bytes(data))
-    again = fastbackup.BackupAndRestore(s3_url, save_freq=2,
+    again = fastbackup.BackupAndRestore(bucket_url, save_freq=2,
                                         double_checkpoint=True)
     again.set_model(fresh_model())
     again.on_train_begin()
@@ -394,39 +621,41 @@ def test_double_checkpoint_falls_back_when_the_newest_is_damaged(s3_url):
 # Faults ---------------------------------------------------------------------
 
 
-def test_retries_ride_out_503_and_dropped_connections(fault_proxy, s3_url,
+def test_retries_ride_out_503_and_dropped_connections(bucket_fault_proxy, bucket_url,
                                                       monkeypatch):
     monkeypatch.setattr(object_store, "PART_BYTES", 5 << 20)
-    store = open_store(s3_url)
-    fault_proxy.inject("503", "drop", "503", "drop")
-    store.commit(0, _encoded(0, n=2 << 20), sync=True)  # multipart
-    fault_proxy.inject("drop", "503")
-    [(step, url)] = store.list_checkpoints()
-    fault_proxy.inject("503", "drop")
-    with store.open_checkpoint(url) as reader:
+    # A new store (a new client) for each stage: a server that keeps
+    # connections alive (GCS) would otherwise serve the next stage over
+    # pooled connections, which the faults (one per new connection) miss.
+    bucket_fault_proxy.inject("503", "drop", "503", "drop")
+    open_store(bucket_url).commit(0, _encoded(0, n=2 << 20), sync=True)  # multipart
+    bucket_fault_proxy.inject("drop", "503")
+    [(_, url)] = open_store(bucket_url).list_checkpoints()
+    bucket_fault_proxy.inject("503", "drop")
+    with open_store(bucket_url).open_checkpoint(url) as reader:
         reader.verify()
-    assert fault_proxy.injected == {"503": 4, "drop": 4}
+    assert bucket_fault_proxy.injected == {"503": 4, "drop": 4}
 
 
 @pytest.mark.parametrize("fault", ["503", "drop"])
 def test_failed_upload_is_a_write_error_and_the_previous_checkpoint_stays(
-    fault_proxy, s3_url, monkeypatch, fault
+    bucket_fault_proxy, bucket_url, monkeypatch, fault
 ):
     monkeypatch.setenv("FASTBACKUP_RETRY_SECONDS", "1")
     x, y = make_data()
     model = make_model()
-    callback = fastbackup.BackupAndRestore(s3_url, save_freq=2,
+    callback = fastbackup.BackupAndRestore(bucket_url, save_freq=2,
                                            delete_checkpoint=False)
-    failing = _FailFrom(fault_proxy, fault, batch=3, backup=callback)
+    failing = _FailFrom(bucket_fault_proxy, fault, batch=3, backup=callback)
     with pytest.raises(BackupWriteError, match="background checkpoint write"):
         model.fit(x, y, epochs=3, batch_size=4, verbose=0,
                   callbacks=[failing, callback])
-    fault_proxy.fail_all(None)
+    bucket_fault_proxy.fail_all(None)
     callback.wait_until_finished(raise_errors=False)
-    store = open_store(s3_url)
+    store = open_store(bucket_url)
     [(step, _)] = store.list_checkpoints()
     store.release_lock(callback)
-    again = fastbackup.BackupAndRestore(s3_url, save_freq=2)
+    again = fastbackup.BackupAndRestore(bucket_url, save_freq=2)
     again.set_model(fresh_model())
     again.on_train_begin()
     assert again.restored_from == (step, 0, 1)
@@ -434,20 +663,20 @@ def test_failed_upload_is_a_write_error_and_the_previous_checkpoint_stays(
 
 
 def test_on_error_warn_keeps_training_through_a_failed_upload(
-    fault_proxy, s3_url, monkeypatch, caplog
+    bucket_fault_proxy, bucket_url, monkeypatch, caplog
 ):
     monkeypatch.setenv("FASTBACKUP_RETRY_SECONDS", "1")
     monkeypatch.setenv("FASTBACKUP_ON_ERROR", "warn")
     monkeypatch.setenv("FASTBACKUP_ON_BUSY", "wait")
     x, y = make_data()
-    callback = fastbackup.BackupAndRestore(s3_url, save_freq=2)
-    failing = _FailFrom(fault_proxy, "503", batch=3, backup=callback, until=5)
+    callback = fastbackup.BackupAndRestore(bucket_url, save_freq=2)
+    failing = _FailFrom(bucket_fault_proxy, "503", batch=3, backup=callback, until=5)
     with caplog.at_level(logging.WARNING, logger="fastbackup"):
         history = make_model().fit(x, y, epochs=2, batch_size=4, verbose=0,
                                    callbacks=[failing, callback])
     assert len(history.history["loss"]) == 2
     assert "a checkpoint write failed" in caplog.text
-    assert not open_store(s3_url).exists()
+    assert not open_store(bucket_url).exists()
 
 
 class _FailFrom(keras.callbacks.Callback):
@@ -500,11 +729,11 @@ _TRAINER = textwrap.dedent("""
 """)
 
 
-def test_kill_9_mid_upload_leaves_a_whole_committed_checkpoint(s3_url):
+def test_kill_9_mid_upload_leaves_a_whole_committed_checkpoint(bucket):
+    bucket_url = bucket.url
     env = worker_env()
     env["FASTBACKUP_LEASE_SECONDS"] = "1"
-    store = open_store(s3_url)
-    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    store = open_store(bucket_url)
     mid_upload = 0
     before: set[str] = set()
     # At least 3 kills, and more (up to 6) until one has landed mid-upload:
@@ -515,7 +744,7 @@ def test_kill_9_mid_upload_leaves_a_whole_committed_checkpoint(s3_url):
         if kill >= 3 and mid_upload:
             break
         proc = subprocess.Popen(
-            [sys.executable, "-c", _TRAINER.format(repo=REPO, url=s3_url)],
+            [sys.executable, "-c", _TRAINER.format(repo=REPO, url=bucket_url)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
         try:
@@ -530,21 +759,21 @@ def test_kill_9_mid_upload_leaves_a_whole_committed_checkpoint(s3_url):
             # rule removes them).
             while not store.list_checkpoints() and time.monotonic() < deadline:
                 time.sleep(0.01)
-            while (not set(list_multipart_uploads(endpoint, store.bucket)) - before
+            while (not set(bucket.multipart_uploads()) - before
                    and time.monotonic() < deadline):
                 time.sleep(0.005)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=SUBPROCESS_TIMEOUT)
         # Still listed after the kill: the kill landed mid-upload.
-        left = set(list_multipart_uploads(endpoint, store.bucket)) - before
+        left = set(bucket.multipart_uploads()) - before
         mid_upload += bool(left)
         before |= left
         committed = store.list_checkpoints()
         assert committed, "a checkpoint was committed before the kill"
         time.sleep(1.1)  # the killed job's lease expires
         model = keras_model_like_trainer()
-        callback = fastbackup.BackupAndRestore(s3_url, save_freq=1,
+        callback = fastbackup.BackupAndRestore(bucket_url, save_freq=1,
                                                delete_checkpoint=False)
         callback.set_model(model)
         callback.on_train_begin()
@@ -571,48 +800,48 @@ def keras_model_like_trainer():
     return model
 
 
-def test_errno_of_a_failed_request_is_eio(fault_proxy, s3_url, monkeypatch):
-    store = object_store.ObjectStore(s3_url, retry_seconds=0.5)
-    fault_proxy.fail_all("503")
+def test_errno_of_a_failed_request_is_eio(bucket_fault_proxy, bucket_url, monkeypatch):
+    store = object_store.ObjectStore(bucket_url, retry_seconds=0.5)
+    bucket_fault_proxy.fail_all("503")
     with pytest.raises(OSError) as info:
         store.commit(0, _encoded(0), sync=True)
     assert info.value.errno == errno.EIO
-    assert info.value.filename == f"{s3_url}/ckpt-000000000000.fbk"
+    assert info.value.filename == f"{bucket_url}/ckpt-000000000000.fbk"
 
 
 # CLI on URLs ------------------------------------------------------------------
 
 
-def test_cli_inspect_verify_export_on_a_url(s3_url, tmp_path, capsys):
+def test_cli_inspect_verify_export_on_a_url(bucket_url, tmp_path, capsys):
     from fastbackup import cli
 
     x, y = make_data()
     model = make_model()
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
-        fastbackup.BackupAndRestore(s3_url, double_checkpoint=True,
+        fastbackup.BackupAndRestore(bucket_url, double_checkpoint=True,
                                     delete_checkpoint=False)])
-    store = open_store(s3_url)
+    store = open_store(bucket_url)
     (newest, newest_url), (older, _) = store.list_checkpoints()
     obstore.put(store.client, store._key("ckpt-000000000009.fbk"), b"torn")
 
-    assert cli.main(["inspect", s3_url]) == 0
+    assert cli.main(["inspect", bucket_url]) == 0
     out = capsys.readouterr().out
-    assert f"backup directory {s3_url}: 2 checkpoint(s)" in out
+    assert f"backup directory {bucket_url}: 2 checkpoint(s)" in out
     assert out.index(newest_url.rsplit("/", 1)[1]) < out.index(
         f"ckpt-{older:012d}.fbk")
     assert "ok (every checksum verified)" in out
     assert "leftover temporary file ckpt-000000000009.fbk" in out
 
-    assert cli.main(["verify", "--json", s3_url]) == 0
+    assert cli.main(["verify", "--json", bucket_url]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["newest_valid"] == newest_url
-    assert report["temp_files"] == [f"{s3_url}/ckpt-000000000009.fbk"]
+    assert report["temp_files"] == [f"{bucket_url}/ckpt-000000000009.fbk"]
 
     untrained = make_model()
     model_file = tmp_path / "model.keras"
     untrained.save(model_file)
     out_file = tmp_path / "out.weights.h5"
-    assert cli.main(["export", s3_url, str(out_file), "--model",
+    assert cli.main(["export", bucket_url, str(out_file), "--model",
                      str(model_file)]) == 0
     assert f"exported ckpt-{newest:012d}.fbk" in capsys.readouterr().out
     untrained.load_weights(out_file)
@@ -623,12 +852,12 @@ def test_cli_inspect_verify_export_on_a_url(s3_url, tmp_path, capsys):
     # Without a model: rebuilt from the config the callback stored in the
     # bucket, once per fit.
     bare_file = tmp_path / "bare.weights.h5"
-    assert cli.main(["export", s3_url, str(bare_file)]) == 0
+    assert cli.main(["export", bucket_url, str(bare_file)]) == 0
     assert f"exported ckpt-{newest:012d}.fbk" in capsys.readouterr().out
     fresh = make_model()
     fresh.load_weights(bare_file)
     assert np.array(fresh.layers[0].kernel.numpy()).tobytes() == kernel.tobytes()
-    assert cli.main(["inspect", "--no-verify", s3_url]) == 0
+    assert cli.main(["inspect", "--no-verify", bucket_url]) == 0
     assert "model config: Sequential" in capsys.readouterr().out
 
     # Damage: verify reports it and exits 1. Nothing was modified by the CLI.
@@ -636,267 +865,66 @@ def test_cli_inspect_verify_export_on_a_url(s3_url, tmp_path, capsys):
     data = bytearray(obstore.get(store.client, key).bytes())
     data[40] ^= 0x10
     obstore.put(store.client, key, bytes(data))
-    assert cli.main(["verify", s3_url]) == 1
+    assert cli.main(["verify", bucket_url]) == 1
     out = capsys.readouterr().out
     assert "DAMAGED" in out and "1 ok, 1 damaged" in out
     assert "ckpt-000000000009.fbk" in _names(store)
 
 
-def test_cli_refuses_unsupported_and_empty_urls(s3_url, capsys):
+def test_cli_refuses_unsupported_and_empty_urls(bucket_url, capsys):
     from fastbackup import cli
 
     assert cli.main(["inspect", "ftp://host/x"]) == 2
     assert "Unsupported URL scheme 'ftp'" in capsys.readouterr().err
-    assert cli.main(["verify", s3_url]) == 2
+    assert cli.main(["verify", bucket_url]) == 2
     assert "no fastbackup backup there" in capsys.readouterr().err
 
 
-# GCS ------------------------------------------------------------------------
-#
-# Against fake-gcs-server, a real GCS emulator process. No emulator that
-# installs from PyPI accepts the writes of obstore's GCS client (XML API PUT,
-# XML multipart upload, `x-goog-if-generation-match`): measured in
-# docs/remote-storage.md, Limits. So the objects a writer leaves are put
-# through the emulator's JSON API, and everything fastbackup does to a gs://
-# backup short of writing is run for real: the commit record, listing,
-# ranged reads, restore and its fallback, the CLI, and the deletes that
-# clean up and empty the prefix.
+# Prefixes and deletes ------------------------------------------------------------
 
 
-def _gcs_upload_backup(gcs_server, url, local, damage_newest=False):
-    """Puts a local backup's checkpoints, model config and commit record
-    under `url`, as the writer leaves them; returns the record's entries."""
-    _, bucket, prefix = object_store.parse_url(url)
-    entries = []
-    for i, (step, path) in enumerate(LocalStore(str(local)).list_checkpoints()):
-        name = os.path.basename(path)
-        with open(path, "rb") as f:
-            data = bytearray(f.read())
-        if damage_newest and i == 0:
-            data[TENSOR_BYTE] ^= 0x10
-        gcs_server.upload(bucket, f"{prefix}/{name}", bytes(data))
-        entries.append({"step": step, "name": name, "size": len(data)})
-    config = os.path.join(local, MODEL_CONFIG_NAME)
-    with open(config, "rb") as f:
-        gcs_server.upload(bucket, f"{prefix}/{MODEL_CONFIG_NAME}",
-                          f.read())
-    gcs_server.upload(bucket, f"{prefix}/COMMITTED",
-                      object_store.record_bytes(entries))
-    return entries
-
-
-def _local_backup(tmp_path):
-    local = tmp_path / "local"
-    x, y = make_data()
-    make_model().fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
-        fastbackup.BackupAndRestore(local, double_checkpoint=True,
-                                    delete_checkpoint=False)])
-    return local
-
-
-def _built_fresh_model():
-    model = fresh_model()
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    return model
-
-
-def test_gcs_backup_is_read_restored_and_verified_through_the_emulator(
-    gcs_server, gcs_url, tmp_path, capsys
-):
-    """A gs:// backup on a real GCS emulator: listing, ranged reads, restore
-    and the CLI."""
-    from fastbackup import cli, restore
-
-    local = _local_backup(tmp_path)
-    entries = _gcs_upload_backup(gcs_server, gcs_url, local)
-    url = gcs_url
-
-    store = open_store(url)
-    assert isinstance(store, object_store.ObjectStore)
-    assert store.list_checkpoints() == [
-        (e["step"], f"{url}/{e['name']}") for e in entries]
-    assert store.list_temp_files() == []
-
-    from_gcs, from_disk = _built_fresh_model(), _built_fresh_model()
-    reader = restore.restore_latest(store, from_gcs, fall_back=False)
-    assert reader.step == entries[0]["step"] and reader.path.startswith(url)
-    restore.restore_latest(str(local), from_disk, fall_back=False)
-    assert_state_equal(all_state(from_gcs), all_state(from_disk))
-
-    assert cli.main(["verify", url]) == 0
-    out = capsys.readouterr().out
-    assert "2 checkpoint(s): 2 ok, 0 damaged" in out
-
-
-def test_gcs_double_checkpoint_falls_back_when_the_newest_is_damaged(
-    gcs_server, gcs_url, tmp_path, capsys
-):
-    from fastbackup import cli, restore
-    from fastbackup.errors import CheckpointCorruptError
-
-    local = _local_backup(tmp_path)
-    (newest, _), (previous, previous_path) = LocalStore(str(local)).list_checkpoints()
-    _gcs_upload_backup(gcs_server, gcs_url, local, damage_newest=True)
-    store = open_store(gcs_url)
-
-    with pytest.raises(CheckpointCorruptError):
-        restore.restore_latest(store, _built_fresh_model(), fall_back=False)
-    from_gcs, from_disk = _built_fresh_model(), _built_fresh_model()
-    reader = restore.restore_latest(store, from_gcs, fall_back=True)
-    assert reader.step == previous
-    only_previous = tmp_path / "previous"
-    only_previous.mkdir()
-    shutil.copy(previous_path, only_previous)
-    restore.restore_latest(str(only_previous), from_disk, fall_back=False)
-    assert_state_equal(all_state(from_gcs), all_state(from_disk))
-
-    assert cli.main(["verify", gcs_url]) == 1
-    out = capsys.readouterr().out
-    assert "DAMAGED" in out and "1 ok, 1 damaged" in out
-    assert newest > previous
-
-
-def test_gcs_cleanup_removes_uncommitted_objects_and_keeps_the_rest(
-    gcs_server, gcs_url, tmp_path, capsys
-):
-    from fastbackup import cli
-
-    local = _local_backup(tmp_path)
-    entries = _gcs_upload_backup(gcs_server, gcs_url, local)
-    _, bucket, prefix = object_store.parse_url(gcs_url)
-    # A writer killed between its data object and the commit record, and an
-    # object that is not fastbackup's.
-    gcs_server.upload(bucket, f"{prefix}/ckpt-000000000099.fbk", b"torn")
-    gcs_server.upload(bucket, f"{prefix}/notes.txt", b"not ours to remove")
-    store = open_store(gcs_url)
-
-    assert cli.main(["inspect", gcs_url]) == 0
-    out = capsys.readouterr().out
-    assert f"backup directory {gcs_url}: 2 checkpoint(s)" in out
-    assert "leftover temporary file ckpt-000000000099.fbk" in out
-    assert cli.main(["verify", "--json", gcs_url]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["ok"] and report["temp_files"] == [
-        f"{gcs_url}/ckpt-000000000099.fbk"]
-    # The CLI modified nothing.
-    assert "ckpt-000000000099.fbk" in _names(store)
-
-    assert store.remove_temp_files() == [f"{gcs_url}/ckpt-000000000099.fbk"]
-    assert _names(store) == sorted(
-        ["COMMITTED", MODEL_CONFIG_NAME, "notes.txt"]
-        + [e["name"] for e in entries])
-    assert [s for s, _ in store.list_checkpoints()] == [
-        e["step"] for e in entries]
-
-
-def test_gcs_remove_all_empties_only_its_own_prefix(gcs_server, gcs_url,
-                                                    tmp_path):
+def test_remove_all_empties_only_its_own_prefix(bucket_url):
     """What `delete_checkpoint` does at the end of a successful fit."""
-    local = _local_backup(tmp_path)
-    _gcs_upload_backup(gcs_server, gcs_url, local)
-    _, bucket, prefix = object_store.parse_url(gcs_url)
+    store = open_store(bucket_url)
+    store.commit(0, _encoded(0), sync=True)
     # A sibling prefix that starts with the same characters.
-    other = open_store(f"gs://{bucket}/{prefix}-2")
-    gcs_server.upload(bucket, f"{prefix}-2/COMMITTED",
-                      object_store.record_bytes([]))
-    store = open_store(gcs_url)
+    other = open_store(f"{bucket_url}-2")
+    other.commit(0, _encoded(0), sync=True)
     assert store.exists()
     store.remove_all()
     assert not store.exists() and _names(store) == []
     assert store.list_checkpoints() == []
-    assert _names(other) == ["COMMITTED"]
+    assert _names(other) == ["COMMITTED", "ckpt-000000000000.fbk"]
 
 
-def test_gcs_deleting_a_batch_with_a_missing_object_deletes_the_others(
-    gcs_server, gcs_url
-):
+def test_deleting_a_batch_with_a_missing_object_deletes_the_others(bucket_url):
     # GCS answers a DELETE of a missing object with 404 (S3 with 204), and
     # the client gives up a batch at its first error: a part already gone
     # (removed by another clean-up, or a retried DELETE) must not leave the
     # others behind.
-    _, bucket, prefix = object_store.parse_url(gcs_url)
+    store = open_store(bucket_url)
     names = [part_name(3, i, 3) for i in range(3)]
     for name in names[1:]:
-        gcs_server.upload(bucket, f"{prefix}/{name}", b"part")
-    store = open_store(gcs_url)
+        obstore.put(store.client, store._key(name), b"part")
     assert store.list_parts() == names[1:]
     store.remove_parts(names)
     assert store.list_parts() == [] and not store.exists()
 
 
-def test_gcs_write_the_emulator_refuses_is_an_error_naming_the_object(
-    gcs_server, gcs_url, tmp_path
-):
-    """The emulator refuses XML-API uploads (`400 invalid uploadType`): a
-    refused write fails at once (a 4xx is not retried) as EIO naming the
-    object, and the committed checkpoints stay readable. If this test fails
-    because the upload succeeded, the emulator now takes GCS writes: test
-    the write path, the lease and `fit` end to end on it."""
-    local = _local_backup(tmp_path)
-    entries = _gcs_upload_backup(gcs_server, gcs_url, local)
-    store = open_store(gcs_url)
-    start = time.monotonic()
-    with pytest.raises(OSError) as info:
-        store.commit(50, _encoded(50), sync=True)
-    assert time.monotonic() - start < 30
-    assert info.value.errno == errno.EIO
-    assert info.value.filename == f"{gcs_url}/ckpt-000000000050.fbk"
-    assert "400" in str(info.value)
-    assert [s for s, _ in store.list_checkpoints()] == [
-        e["step"] for e in entries]
-    owner = _Owner()
-    with pytest.raises(OSError) as info:
-        store.acquire_lock(owner, owner.flush)
-    assert info.value.filename == f"{gcs_url}/LEASE"
-
-
-def test_gcs_reads_ride_out_503_and_dropped_connections(
-    gcs_server, gcs_url, gcs_fault_proxy, tmp_path
-):
-    """The GCS client gets the same retry policy as the S3 one."""
-    from fastbackup import restore
-
-    local = _local_backup(tmp_path)
-    entries = _gcs_upload_backup(gcs_server, gcs_url, local)
-    store = open_store(gcs_url)
-    gcs_fault_proxy.inject("503", "drop", "503", "drop")
-    assert [s for s, _ in store.list_checkpoints()] == [
-        e["step"] for e in entries]
-    gcs_fault_proxy.inject("drop", "503")
-    # A new store: a new client, whose first connection meets the faults
-    # (the emulator keeps connections alive, so one fault hits one
-    # connection, not one request).
-    model = _built_fresh_model()
-    reader = restore.restore_latest(open_store(gcs_url), model,
-                                    fall_back=False)
-    assert reader.step == entries[0]["step"]
-    assert gcs_fault_proxy.injected == {"503": 3, "drop": 3}
-
-    failing = object_store.ObjectStore(gcs_url, retry_seconds=0.5)
-    gcs_fault_proxy.fail_all("503")
-    with pytest.raises(OSError) as info:
-        failing.list_checkpoints()
-    assert info.value.errno == errno.EIO
-    assert info.value.filename == f"{gcs_url}/COMMITTED"
-
-
-def test_gcs_fit_whose_backup_cannot_be_written_fails_at_its_start(
-    gcs_url, tmp_path
-):
-    """A gs:// backup_dir that refuses writes stops `fit` before its first
-    batch, naming the lease: never a training that believes it is backed
-    up."""
+def test_fit_whose_backup_cannot_be_written_fails_at_its_start(bucket):
+    """A backup_dir in a bucket that does not exist stops `fit` before its
+    first batch, naming the lease: never a training that believes it is
+    backed up."""
+    url = f"{bucket.scheme}://fb-missing-{os.getpid()}/runs/job-1"
     x, y = make_data()
     model = make_model()
     before = [np.array(w.numpy(), copy=True) for w in model.weights]
-    callback = fastbackup.BackupAndRestore(gcs_url, save_freq=2)
+    callback = fastbackup.BackupAndRestore(url, save_freq=2)
     with pytest.raises(OSError) as info:
         model.fit(x, y, epochs=1, batch_size=8, verbose=0,
                   callbacks=[callback])
-    assert info.value.filename == f"{gcs_url}/LEASE"
+    assert info.value.filename == f"{url}/LEASE"
     # No step ran (some backends build the optimizer before the callbacks
     # start: only the model's own weights are compared).
     assert_state_equal([np.array(w.numpy()) for w in model.weights], before)
     assert int(np.array(model.optimizer.iterations.numpy())) == 0
-    assert open_store(gcs_url).list_checkpoints() == []

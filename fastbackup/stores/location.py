@@ -27,6 +27,7 @@ def open_store(
     location: str | os.PathLike[str] | LocationStore,
     *,
     lease_seconds: float | None = None,
+    lease_wait_seconds: float | None = None,
     retry_seconds: float | None = None,
 ) -> LocationStore:
     """Returns the store of a backup location.
@@ -37,6 +38,9 @@ def open_store(
             (returned as is).
         lease_seconds: lifetime of an object store's lock lease. Defaults
             to `FASTBACKUP_LEASE_SECONDS` (60).
+        lease_wait_seconds: how long an object store's `acquire_lock` waits
+            for a lease it cannot check to lapse. Defaults to
+            `FASTBACKUP_LEASE_WAIT_SECONDS` (120).
         retry_seconds: how long an object store's requests are retried.
             Defaults to `FASTBACKUP_RETRY_SECONDS` (180).
 
@@ -60,7 +64,8 @@ def open_store(
         return LocalStore(path[len("file://"):])
     if scheme in SCHEMES:
         return ObjectStore(
-            path, lease_seconds=lease_seconds, retry_seconds=retry_seconds
+            path, lease_seconds=lease_seconds,
+            lease_wait_seconds=lease_wait_seconds, retry_seconds=retry_seconds,
         )
     raise ValueError(
         f"Unsupported URL scheme {scheme!r} in `backup_dir`: supported are a "

@@ -11,10 +11,11 @@ removed under the lock at the next `fit`.
 
 The lock is a lease object created with a conditional PUT (`If-None-Match: *`
 on S3, `ifGenerationMatch=0` on GCS): a second job's create fails. The holder
-renews the lease from a background thread; a killed job stops renewing, and
-once its lease has expired the next job takes it over with a conditional
-update on the lease's ETag/generation, so two jobs racing for an expired
-lease cannot both win.
+renews the lease from a background thread; a killed job stops renewing. The
+next job takes its lease over at once when the lease names a process of its
+own host that is gone, and otherwise once the lease lapses without a
+renewal, in both cases with a conditional update on the lease's
+ETag/generation, so two jobs racing for one lease cannot both win.
 
 The client is `obstore` (Rust `object_store`): chosen by measurement, see
 `docs/remote-storage.md`. It releases the GIL, uploads parts concurrently and
@@ -43,7 +44,12 @@ from obstore import exceptions as obx
 from fastbackup import config as config_lib
 from fastbackup._compat import native
 from fastbackup.errors import BackupDirLockedError
-from fastbackup.format import CheckpointReader, EncodedCheckpoint
+from fastbackup.format import (
+    CheckpointReader,
+    EncodedCheckpoint,
+    TAIL_BYTES,
+    RangedCheckpointReader,
+)
 from fastbackup.stores import locks
 from fastbackup.stores.base import CommitResult, LocationStore, WriteCancelled
 from fastbackup.stores.names import (
@@ -189,10 +195,87 @@ def record_bytes(entries: list[dict[str, Any]]) -> bytes:
     return json.dumps({"format": 1, "checkpoints": entries}).encode()
 
 
+def _dropped_connection(e: BaseException) -> bool:
+    """Whether a client error is a connection lost while a request was
+    sent (the client's own words: obstore 0.12 has no class for it), not
+    an answer from the server."""
+    return isinstance(e, obx.GenericError) and "error sending request" in str(e)
+
+
 def _io_error(what: str, url: str, e: BaseException) -> OSError:
     err = OSError(errno.EIO, f"{what} failed: {e}", url)
     err.__cause__ = e
     return err
+
+
+# The reading threads of every object read by this process: at most
+# CONCURRENCY requests in flight, whatever the number of objects read at
+# once (the parts of a multi-process checkpoint are read side by side).
+_read_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_read_pool_lock = threading.Lock()
+
+
+def _reading_threads() -> concurrent.futures.ThreadPoolExecutor:
+    global _read_pool
+    with _read_pool_lock:
+        if _read_pool is None:
+            _read_pool = concurrent.futures.ThreadPoolExecutor(
+                CONCURRENCY, thread_name_prefix="fastbackup-read"
+            )
+        return _read_pool
+
+
+def _forget_reading_threads() -> None:
+    # A forked child has none of its parent's threads.
+    global _read_pool, _read_pool_lock
+    _read_pool, _read_pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_reading_threads)
+
+
+class _ObjectRanges:
+    """One object of a bucket read by ranges (a `format.RangeSource`).
+
+    Requests of PART_BYTES keep one connection busy, as the multipart
+    upload's parts do; the bytes stay in the buffers the client returns.
+    """
+
+    def __init__(self, client: Any, key: str, url: str, size: int,
+                 tail: tuple[int, Any] | None = None) -> None:
+        self.client, self.key, self.url, self.size = client, key, url, size
+        # (start, bytes) of the object's end, already read.
+        self._tail = tail
+
+    @property
+    def chunk_bytes(self) -> int:
+        return PART_BYTES
+
+    def submit(
+        self, start: int, length: int, arrived: Callable[[Any], Any]
+    ) -> concurrent.futures.Future[Any]:
+        if self._tail is not None:
+            at, data = self._tail
+            if at <= start and start + length <= at + len(data):
+                done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+                try:
+                    done.set_result(arrived(
+                        memoryview(data)[start - at:start - at + length]))
+                except BaseException as e:  # the caller's, as from a thread
+                    done.set_exception(e)
+                return done
+        return _reading_threads().submit(self._get, start, length, arrived)
+
+    def _get(self, start: int, length: int,
+             arrived: Callable[[Any], Any]) -> Any:
+        try:
+            data = obstore.get_range(self.client, self.key, start=start,
+                                     length=length)
+        except FileNotFoundError:
+            raise  # pruned by a running training
+        except obx.BaseError as e:
+            raise _io_error("reading", self.url, e) from None
+        return arrived(data)
 
 
 class ObjectStore(LocationStore):
@@ -203,6 +286,9 @@ class ObjectStore(LocationStore):
         lease_seconds: lifetime of the lock lease; a killed job's backup can
             be taken over this long after its last renewal. Defaults to
             `FASTBACKUP_LEASE_SECONDS`, or 60.
+        lease_wait_seconds: the longest `acquire_lock` waits for a lease
+            whose holder it cannot check (another host) to lapse. Defaults
+            to `FASTBACKUP_LEASE_WAIT_SECONDS`, or 120.
         retry_seconds: how long a failing request is retried, with
             backoff, before it fails. Defaults to `FASTBACKUP_RETRY_SECONDS`,
             or 180.
@@ -210,7 +296,7 @@ class ObjectStore(LocationStore):
             the environment (tests, custom credentials).
 
     Raises:
-        ValueError: the URL is not supported, or `lease_seconds` is not
+        ValueError: the URL is not supported, or a duration is not
             positive.
     """
 
@@ -219,6 +305,7 @@ class ObjectStore(LocationStore):
         url: str,
         *,
         lease_seconds: float | None = None,
+        lease_wait_seconds: float | None = None,
         retry_seconds: float | None = None,
         client: Any = None,
     ) -> None:
@@ -227,10 +314,14 @@ class ObjectStore(LocationStore):
         if lease_seconds is None:
             lease_seconds = config_lib.seconds_from_environ(
                 "FASTBACKUP_LEASE_SECONDS")
+        if lease_wait_seconds is None:
+            lease_wait_seconds = config_lib.seconds_from_environ(
+                "FASTBACKUP_LEASE_WAIT_SECONDS")
         if retry_seconds is None:
             retry_seconds = config_lib.seconds_from_environ(
                 "FASTBACKUP_RETRY_SECONDS")
         for arg, value in (("lease_seconds", lease_seconds),
+                           ("lease_wait_seconds", lease_wait_seconds),
                            ("retry_seconds", retry_seconds)):
             if not value > 0:
                 raise ValueError(
@@ -238,8 +329,10 @@ class ObjectStore(LocationStore):
                     f"positive number. Received: {arg}={value}"
                 )
         self.lease_seconds = float(lease_seconds)
+        self.lease_wait_seconds = float(lease_wait_seconds)
+        self.retry_seconds = float(retry_seconds)
         self.client = client if client is not None else _make_client(
-            self.scheme, self.bucket, float(retry_seconds)
+            self.scheme, self.bucket, self.retry_seconds
         )
         # The commit record as this process last read or wrote it. While
         # this process holds the lease nobody else writes it, so commits
@@ -332,12 +425,6 @@ class ObjectStore(LocationStore):
     def list_checkpoints(self) -> list[tuple[int, str]]:
         return [(e["step"], self.url_of(e["name"])) for e in self._read_record()]
 
-    def _size_of(self, name: str) -> int:
-        for e in self._record or []:
-            if e["name"] == name:
-                return int(e["size"])
-        return int(obstore.head(self.client, self._key(name))["size"])
-
     def commit(self, step: int, encoded: EncodedCheckpoint, sync: bool,
                cancel: threading.Event | None = None,
                direct: bool = False) -> CommitResult:
@@ -380,8 +467,42 @@ class ObjectStore(LocationStore):
         self, name: str, encoded: EncodedCheckpoint,
         cancel: threading.Event | None,
     ) -> int:
-        """Uploads one checkpoint file as object `name`; returns its size."""
+        """Uploads one checkpoint file as object `name`; returns its size.
+
+        The client retries what it knows to be idempotent. A request it
+        will not resend (on GCS the POSTs that start and complete a
+        multipart upload) fails the upload when its connection drops: the
+        whole upload is then sent again, from the same buffers, until
+        `retry_seconds` after the first try. A data object is not visible
+        to readers before the commit record names it, so a second upload
+        of it is harmless.
+        """
         url = self.url_of(name)
+        deadline = time.monotonic() + self.retry_seconds
+        backoff = 0.1
+        while True:
+            try:
+                size = self._upload_once(name, encoded, cancel)
+                break
+            except WriteCancelled:
+                raise
+            except obx.BaseError as e:
+                if not _dropped_connection(e) or time.monotonic() + backoff > deadline:
+                    raise _io_error(f"uploading {name}", url, e) from None
+                log.warning("fastbackup: uploading %s failed on a dropped "
+                            "connection, sending it again: %s", url,
+                            str(e).splitlines()[0])
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 15.0)
+        if cancel is not None and cancel.is_set():
+            self._delete([name])
+            raise WriteCancelled(name)
+        return size
+
+    def _upload_once(
+        self, name: str, encoded: EncodedCheckpoint,
+        cancel: threading.Event | None,
+    ) -> int:
         crcs: list[int] = []
         sizes = [0]
 
@@ -397,23 +518,15 @@ class ObjectStore(LocationStore):
             sizes[0] += len(trailer)
             yield trailer
 
-        try:
-            if encoded.payload_end <= PART_BYTES:
-                # Small: one PUT of a joined copy (at most one part) costs
-                # one request where a multipart upload costs three.
-                obstore.put(self.client, self._key(name), b"".join(stream()))
-            else:
-                obstore.put(
-                    self.client, self._key(name), stream(),
-                    chunk_size=PART_BYTES, max_concurrency=CONCURRENCY,
-                )
-        except WriteCancelled:
-            raise
-        except obx.BaseError as e:
-            raise _io_error(f"uploading {name}", url, e) from None
-        if cancel is not None and cancel.is_set():
-            self._delete([name])
-            raise WriteCancelled(name)
+        if encoded.payload_end <= PART_BYTES:
+            # Small: one PUT of a joined copy (at most one part) costs one
+            # request where a multipart upload costs three.
+            obstore.put(self.client, self._key(name), b"".join(stream()))
+        else:
+            obstore.put(
+                self.client, self._key(name), stream(),
+                chunk_size=PART_BYTES, max_concurrency=CONCURRENCY,
+            )
         return sizes[0]
 
     def prune(self, keep: int) -> None:
@@ -517,59 +630,38 @@ class ObjectStore(LocationStore):
     def open_checkpoint(self, location: str) -> CheckpointReader:
         """Downloads one checkpoint with parallel ranged reads, then opens it.
 
-        The bytes land in an anonymous in-memory file (memfd), never on the
-        local disk; the reader then verifies and maps it like a local file.
+        A checkpoint is read whole: restoring it needs every byte (a
+        manifest is small), and the requests go out at once, with no round
+        trip for the header first. Its bytes stay in the client's buffers,
+        never on the local disk (`format.RangedCheckpointReader`).
         """
-        return self._open(self._name_of_url(location), location)
+        return self._open(self._name_of_url(location), location, whole=True)
 
-    def _open(self, name: str, location: str) -> CheckpointReader:
+    def _open(self, name: str, location: str,
+              whole: bool = False) -> CheckpointReader:
         key = self._key(name)
+        tail: tuple[int, Any] | None = None
         try:
-            # The size the record gives (a HEAD when it does not): a
-            # different object under that name fails the reader's checks.
-            size = self._size_of(name)
+            # The size the record gives: a different object under that
+            # name fails the reader's checks. A part is not in the record:
+            # the read of its end (footer, header) says its size, in the
+            # request the reader would send first anyway (a HEAD would
+            # cost a round trip, and fake-gcs-server answers 0 to one).
+            size = next((int(e["size"]) for e in self._record or []
+                         if e["name"] == name), None)
+            if size is None:
+                got = obstore.get(self.client, key,
+                                  options={"range": {"suffix": TAIL_BYTES}})
+                size = int(got.meta["size"])
+                tail = (int(got.range[0]), got.bytes())
         except FileNotFoundError:
             raise  # pruned by a running training
         except obx.BaseError as e:
             raise _io_error(f"reading {name}", location, e) from None
-        fd = os.memfd_create(f"fastbackup-{name}", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            if size:
-                self._download(key, location, fd, size)
-            file = os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            return CheckpointReader(location, file=file)
-        except BaseException:
-            file.close()
-            raise
-
-    def _download(self, key: str, url: str, fd: int, size: int) -> None:
-        def fetch(start: int) -> None:
-            length = min(PART_BYTES, size - start)
-            data = obstore.get_range(self.client, key, start=start, length=length)
-            # pwrite copies with the GIL released, and the write path fills
-            # the memfd faster than page faults through a mapping would
-            # (eight threads faulting one shmem file contend).
-            view = memoryview(data)
-            done = 0
-            while done < length:
-                done += os.pwrite(fd, view[done:], start + done)
-
-        pool = concurrent.futures.ThreadPoolExecutor(
-            CONCURRENCY, thread_name_prefix="fastbackup-read"
+        return RangedCheckpointReader(
+            location, _ObjectRanges(self.client, key, location, size, tail),
+            whole=whole,
         )
-        try:
-            for f in [pool.submit(fetch, s) for s in range(0, size, PART_BYTES)]:
-                f.result()
-        except obx.BaseError as e:
-            raise _io_error("reading", url, e) from None
-        finally:
-            # The descriptor must outlive every fetch still running.
-            pool.shutdown(wait=True, cancel_futures=True)
 
     def write_object(self, name: str, data: bytes) -> None:
         check_object_name(name)
@@ -593,6 +685,8 @@ class ObjectStore(LocationStore):
                             time.perf_counter() - start)
 
     def open_part(self, name: str) -> CheckpointReader:
+        """Opens a part: its prefix, footer and header only; restore then
+        reads only the byte ranges of the shards this process holds."""
         return self._open(check_part_name(name), self.url_of(name))
 
     def list_parts(self) -> list[str]:
@@ -615,9 +709,17 @@ class ObjectStore(LocationStore):
         training concurrently (collected, or its last `fit` ran on this
         same thread). A lease this process lost is replaced.
 
+        Another job's lease is taken over at once when it has expired, or
+        when it names a process of this host (same boot, same pid
+        namespace) that no longer runs; a holder this host cannot check is
+        waited for, up to `lease_wait_seconds`, until its lease lapses.
+
         Raises:
-            BackupDirLockedError: another job holds an unexpired lease, or a
-                callback training on another thread of this process holds it.
+            BackupDirLockedError: another job holds the lease and is alive:
+                a running process of this host, or a holder that renewed its
+                lease during the wait (or whose lease is valid longer than
+                the wait); or a callback training on another thread of this
+                process holds it.
             OSError: the store cannot be reached.
         """
         def take() -> _Lease:
@@ -640,6 +742,83 @@ class ObjectStore(LocationStore):
             lease.release()
 
 
+# Process identity ------------------------------------------------------------
+#
+# A lease names the process that holds it, so that a job restarted on the
+# same machine can tell at once whether the holder still runs: a pid alone
+# is not enough (pids are reused), nor on another machine with the same
+# hostname (containers with the host's network), nor in another pid
+# namespace (a pid there means another process). The identity is the
+# kernel's boot id (new at every boot), the pid namespace, the pid and the
+# pid's start time since boot: equal boot id and namespace make the pid
+# comparable; equal start time makes it the same process.
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None  # not Linux, or /proc not mounted: identity unknown
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """State and start time (clock ticks since boot) of `pid`, from
+    `/proc/<pid>/stat` (fields 3 and 22), or `None` if unreadable."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: the
+    # fields that follow start after its last ")".
+    fields = stat.rpartition(")")[2].split()
+    if len(fields) < 20:
+        return None
+    return fields[0], fields[19]
+
+
+def _this_process() -> dict[str, Any]:
+    """What a lease records of its holder (see above)."""
+    pid = os.getpid()
+    stat = _proc_stat(pid)
+    try:
+        pidns: str | None = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = None
+    return {
+        "host": socket.gethostname(),
+        "boot": _read_text("/proc/sys/kernel/random/boot_id"),
+        "pidns": pidns,
+        "pid": pid,
+        "start": stat[1] if stat is not None else None,
+    }
+
+
+def _holder_is_running(info: dict[str, Any]) -> bool | None:
+    """Whether the process a lease names runs: `None` when this process
+    cannot tell (another machine, pid namespace or system)."""
+    me = _this_process()
+    pid = info.get("pid")
+    if (not isinstance(pid, int) or pid <= 0 or info.get("start") is None
+            or any(me[k] is None or info.get(k) != me[k]
+                   for k in ("host", "boot", "pidns"))):
+        return None
+    try:
+        os.kill(pid, 0)  # unlike /proc, not hidden by `hidepid`
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    stat = _proc_stat(pid)
+    if stat is None:
+        # It exists, but its start time is hidden (`hidepid`): exited just
+        # now, or another user's. Not known: the lease is waited for.
+        return None
+    state, start = stat
+    # A zombie (Z) or dead (X) holder has exited, its parent has not yet
+    # reaped it; another start time is another process with a reused pid.
+    return state not in ("Z", "X") and start == str(info["start"])
+
+
 class _Lease:
     """The lease object of one backup, held and renewed by this process."""
 
@@ -649,6 +828,7 @@ class _Lease:
         self.key = store._key(LEASE_NAME)  # noqa: SLF001
         self.url = store.url_of(LEASE_NAME)
         self.owner = uuid.uuid4().hex
+        self.identity = _this_process()
         self.e_tag: str | None = None
         self.version: str | None = None
         self.lost = False
@@ -658,8 +838,7 @@ class _Lease:
     def _body(self) -> bytes:
         return json.dumps({
             "owner": self.owner,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
+            **self.identity,
             "expires": time.time() + self.seconds,
             "seconds": self.seconds,
         }).encode()
@@ -680,6 +859,10 @@ class _Lease:
             self._took(obstore.put(client, self.key, self._body(), mode="create"))
         except (obx.AlreadyExistsError, obx.PreconditionError):
             self._take_over()
+        except FileNotFoundError as e:
+            # A create needs no object: it is the bucket that is missing.
+            raise _io_error("creating the lease (does the bucket exist?)",
+                            self.url, e) from None
         except obx.BaseError as e:
             raise _io_error("creating the lease", self.url, e) from None
         self._thread = threading.Thread(
@@ -687,56 +870,145 @@ class _Lease:
         )
         self._thread.start()
 
-    def _take_over(self) -> None:
-        client = self.store.client
+    def _create_again(self) -> None:
+        """The lease was released while this process looked at it: one more
+        create, which another job may win."""
         try:
-            got = obstore.get(client, self.key)
+            self._took(obstore.put(self.store.client, self.key, self._body(),
+                                   mode="create"))
+        except (obx.AlreadyExistsError, obx.PreconditionError):
+            raise self._locked({}) from None
+        except obx.BaseError as e:
+            raise _io_error("creating the lease", self.url, e) from None
+
+    def _read(self) -> tuple[Any, dict[str, Any]] | None:
+        """The lease's metadata and body (`{}` if unreadable), or `None`
+        if there is none."""
+        try:
+            got = obstore.get(self.store.client, self.key)
             meta, data = got.meta, bytes(got.bytes())
         except FileNotFoundError:
-            # Released between our create and this read: try once more.
-            try:
-                self._took(obstore.put(client, self.key, self._body(),
-                                       mode="create"))
-                return
-            except (obx.AlreadyExistsError, obx.PreconditionError):
-                raise self._locked({}) from None
+            return None
         except obx.BaseError as e:
             raise _io_error("reading the lease", self.url, e) from None
         try:
             info = json.loads(data)
-            expires = float(info["expires"])
+            float(info["expires"])
         except (ValueError, KeyError, TypeError):
-            info, expires = {}, 0.0  # unreadable: treated as expired
+            info = {}  # unreadable: treated as expired
+        return meta, info
+
+    def _take_over(self) -> None:
+        """After a failed create: takes over the lease of a job that is not
+        running any more (see `acquire_lock`), or raises."""
+        read = self._read()
+        if read is None:
+            self._create_again()
+            return
+        meta, info = read
         if info.get("owner") == self.owner:
             # Our own create, retried by the client after a lost reply.
             self._took(meta)
             return
-        if time.time() < expires:
+        expires = float(info.get("expires", 0.0))
+        if time.time() >= expires:
+            self._replace(meta, info, f"its lease expired "
+                          f"{time.time() - expires:.0f} s ago")
+            return
+        running = _holder_is_running(info)
+        if running:
             raise self._locked(info)
-        mode = {"e_tag": meta.get("e_tag") or ""}
+        if running is False:
+            self._replace(meta, info, "its process on this host is gone")
+            return
+        # Another host (or pid namespace): only the lease itself can tell
+        # whether its holder lives. A live holder renews it within a
+        # quarter of its lifetime; a dead one lets it lapse.
+        wait = self.store.lease_wait_seconds
+        if expires - time.time() > wait:
+            raise self._locked(info, f"; waiting for it to lapse would take "
+                               f"longer than FASTBACKUP_LEASE_WAIT_SECONDS="
+                               f"{wait:g}")
+        log.warning(
+            "backup_dir %s is locked by host %s, pid %s, which this host "
+            "cannot check: waiting until %s (%.0f s) for its lease to lapse, "
+            "then taking it over; if the holder renews it meanwhile, it is a "
+            "live job and this one stops", self.store.location,
+            info.get("host", "?"), info.get("pid", "?"),
+            time.strftime("%H:%M:%S", time.localtime(expires)),
+            expires - time.time())
+        if self._wait_for_lapse(meta, info, expires):
+            self._replace(meta, info, "its lease lapsed while this job waited")
+
+    def _wait_for_lapse(self, meta: dict[str, Any], info: dict[str, Any],
+                        expires: float) -> bool:
+        """Waits until `expires` while the lease stays as read.
+
+        Returns:
+            True once it has lapsed unchanged; False if it was released
+            meanwhile and this process created it.
+
+        Raises:
+            BackupDirLockedError: it was renewed (or taken) meanwhile.
+        """
+        # Polled with HEADs several times per renewal period of the holder,
+        # so that a live holder is recognised soon after its next renewal.
+        try:
+            holder_seconds = float(info.get("seconds") or self.seconds)
+        except (TypeError, ValueError):
+            holder_seconds = self.seconds
+        period = min(1.0, max(0.05, holder_seconds / 16))
+        while True:
+            left = expires - time.time()
+            if left <= 0:
+                return True
+            time.sleep(min(period, left))
+            try:
+                now = obstore.head(self.store.client, self.key)
+            except FileNotFoundError:
+                self._create_again()
+                return False
+            except obx.BaseError as e:
+                raise _io_error("reading the lease", self.url, e) from None
+            if (now.get("e_tag"), now.get("version")) != (
+                    meta.get("e_tag"), meta.get("version")):
+                read = self._read()
+                raise self._locked(read[1] if read is not None else {},
+                                   "; it was renewed (or taken over) while this "
+                                   "job waited")
+
+    def _replace(self, meta: dict[str, Any], info: dict[str, Any],
+                 why: str) -> None:
+        """Takes the lease over with a conditional update on the version
+        read, so that of two jobs taking it over only one succeeds."""
+        mode: Any = {"e_tag": meta.get("e_tag") or ""}
         if meta.get("version") is not None:
             mode["version"] = meta["version"]
         try:
-            self._took(obstore.put(client, self.key, self._body(), mode=mode))
+            self._took(obstore.put(self.store.client, self.key, self._body(),
+                                   mode=mode))
         except (obx.PreconditionError, obx.AlreadyExistsError):
-            # Another job took it over first.
+            # Renewed by its holder, or taken over by another job first.
             raise self._locked({}) from None
+        except FileNotFoundError:
+            self._create_again()
+            return
         except obx.BaseError as e:
             raise _io_error("taking over the lease", self.url, e) from None
-        log.warning("took over the expired lease of %s (held by host %s, pid "
-                    "%s, expired %.0f s ago)", self.store.location,
-                    info.get("host", "?"), info.get("pid", "?"),
-                    time.time() - expires)
+        log.warning("took over the lease of %s held by host %s, pid %s: %s",
+                    self.store.location, info.get("host", "?"),
+                    info.get("pid", "?"), why)
 
-    def _locked(self, info: dict[str, Any]) -> BackupDirLockedError:
+    def _locked(self, info: dict[str, Any], why: str = "") -> BackupDirLockedError:
         who = (f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, "
                f"lease valid {max(0.0, float(info.get('expires', 0)) - time.time()):.0f} s more"
                if info else "another job")
         return BackupDirLockedError(
             errno.EBUSY,
-            f"backup_dir is locked by another job ({who}); two trainings must "
-            "not share one backup_dir. A killed job's lease expires "
-            f"{self.seconds:g} s after its last renewal",
+            f"backup_dir is locked by another job ({who}{why}); two trainings "
+            "must not share one backup_dir. A killed job's lease is taken "
+            "over at once on its own host, and from another host once it "
+            "lapses, at most FASTBACKUP_LEASE_SECONDS after its last renewal",
             self.store.location,
         )
 
