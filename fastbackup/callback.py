@@ -21,6 +21,7 @@ import keras
 from fastbackup import backend, coordination, model_config, overlap, restore
 from fastbackup import config as config_lib
 from fastbackup import format as fmt
+from fastbackup import resume as resume_lib
 from fastbackup import writer as writer_lib
 from fastbackup.preemption import SigtermPolicy
 from fastbackup.resume import MidEpochResume
@@ -34,18 +35,28 @@ log = logging.getLogger("fastbackup")
 
 
 def _check_save_freq(save_freq: Any) -> None:
-    if save_freq is not False and (
-        save_freq != "epoch"
-        and (
-            not isinstance(save_freq, int)
-            or isinstance(save_freq, bool)
-            or save_freq <= 0
-        )
-    ):
+    """Accepts what Keras accepts, but a negative integer.
+
+    Keras takes any `int` (a `bool` is one): 0 and `True` save after every
+    batch there (`count >= 0`, `count >= 1`), and so they do here; a
+    frequency computed as `steps // k` that rounds to 0 on a small dataset
+    keeps working. A negative count has no meaning as a frequency: it is a
+    sentinel ("off") or a bug, and Keras silently saves after every batch,
+    the opposite of "off"; it is refused (docs/migrating.md). `False` means
+    no periodic saves, as Keras documents (Keras saves after every batch).
+    """
+    if save_freq != "epoch" and not isinstance(save_freq, int):
         raise ValueError(
             "Invalid value for argument `save_freq`. "
             f"Received: save_freq={save_freq}. "
-            "Expected either 'epoch', a positive integer, or False."
+            "Expected either 'epoch' or an integer value."
+        )
+    if save_freq is not False and isinstance(save_freq, int) and save_freq < 0:
+        raise ValueError(
+            "Invalid value for argument `save_freq`. "
+            f"Received: save_freq={save_freq}. A negative number of batches "
+            "is not a frequency: use False for no periodic saves, or 1 to "
+            "save after every batch."
         )
 
 
@@ -96,9 +107,11 @@ class BackupAndRestore(keras.callbacks.Callback):
             URL of any other scheme raises `ValueError`.
         save_freq: `"epoch"`, integer, or `False`. `"epoch"` saves at the
             end of each epoch; an integer N saves every N batches, counted
-            across epochs as Keras does; `False` disables periodic saves
-            (unlike Keras 3, which then saves after every batch). Defaults
-            to `"epoch"`.
+            across epochs as Keras does (0 and `True`, as in Keras, after
+            every batch); `False` disables periodic saves (unlike Keras 3,
+            which then saves after every batch). A negative integer raises
+            `ValueError` (Keras saves after every batch). Defaults to
+            `"epoch"`.
         double_checkpoint: Boolean. Keep the previous checkpoint too, and
             restore it when the newest one cannot be loaded (damaged file).
             Defaults to `False`.
@@ -136,6 +149,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._location_store = open_store(
             self.backup_dir,
             lease_seconds=self.config.lease_seconds,
+            lease_wait_seconds=self.config.lease_wait_seconds,
             retry_seconds=self.config.retry_seconds,
         )
         # Made by the first `fit`, with the store it writes through (`store`).
@@ -219,6 +233,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             # copy completes here, and a failure of it is raised.
             self._gate.uninstall()
             self._raise_copy_error()
+        # Keras's callback refuses an unbuilt model here, checkpoint or not
+        # (on TensorFlow, `fit` builds a model without `Input` only in its
+        # first step). Refusing only when a checkpoint exists would let the
+        # first run train and fail the resume, the one run the backup is for.
+        # The optimizer is built only where the first step would build the
+        # same one (every layer built); a restore builds it anyway.
+        restore.make_ready(self.model, restoring=False)
         writer = self._start_writer()
         # A previous, interrupted fit may still be writing its last state.
         writer.wait_until_finished()
@@ -238,13 +259,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._snapshotter is None or self._snapshotter.model is not self.model:
             self._snapshotter = Snapshotter(self.model)
         self._snapshotter.refresh()
-        if self.save_freq is not False and self.model.built:
+        if self.save_freq is not False:
             # Saves must find their buffers ready rather than fault fresh
             # memory in on the training thread (0.5-2 s per GB here). The
-            # optimizer is built now, as a restore does, so that its
-            # variables are part of the layout. An unbuilt model (built by
-            # its first step) gets its buffers at the first save instead.
-            restore.make_ready(self.model)
+            # optimizer was built above, as a restore does, so that its
+            # variables are part of the layout.
             layout = self._snapshotter.layout()
             self._size_pool(sum(spec.nbytes for spec in layout))
             writer.prepare(layout)
@@ -312,8 +331,6 @@ class BackupAndRestore(keras.callbacks.Callback):
         writer.wait_until_finished(raise_errors=False)
         self._raise_writer_error()
         self._raise_copy_error()
-        if self.params and self.params.get("verbose"):
-            print(writer.stats.summary(self.blocking_seconds))
         # In a multi-process job, process 0 deletes or unlocks only once no
         # process writes, and `fit` returns everywhere once that is done.
         store = writer.store
@@ -322,6 +339,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             store.remove_all()
         store.release_lock(self)
         store.end_fit(after_cleanup=True)
+        if self.params and self.params.get("verbose"):
+            # After the deletion, so that it never names a deleted file.
+            print(writer.stats.summary(
+                self.blocking_seconds, None if delete else self.backup_dir))
         self._sigterm.chain_late_signal()
 
     # Internals ----------------------------------------------------------------
@@ -481,7 +502,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         gate, self._gate = self._gate, None
         # Only batch-level saves overlap; epoch-end saves stay synchronous,
         # as they are the last thing of an epoch.
-        if self.config.overlap and self.save_freq not in (False, "epoch"):
+        if self.config.overlap and isinstance(self.save_freq, int) and (
+            self.save_freq is not False  # 0 == False: compared by identity
+        ):
             self._gate = overlap.gate_for(self.model, gate)
 
     def _raise_copy_error(self) -> None:
@@ -497,21 +520,63 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._coordinator.unanimous(
                 "restore", "the verification of the checkpoint to restore")
         )
+        # Saved values of compiled metrics not built yet (TensorFlow builds
+        # them in the first step): a mid-epoch resume assigns them once built.
+        unbuilt_metrics: dict[str, Any] = {}
         reader = restore.restore_latest(
             self._location_store, model, fall_back=self.double_checkpoint,
-            agree=agree,
+            agree=agree, unbuilt_metrics=unbuilt_metrics,
         )
         if reader is None:
             return
         self.restored_from = (reader.step, reader.epoch, reader.batch)
-        model._initial_epoch = reader.epoch
-        self._current_epoch = reader.epoch
         mid_epoch = reader.meta.get("extra", {}).get("position") == "batch_end"
+        epoch = reader.epoch
+        if self.resume_mid_epoch:
+            # After an epoch's last batch: resumed as that epoch's end.
+            epoch, mid_epoch = resume_lib.continues_at(
+                reader.epoch, reader.batch, mid_epoch,
+                (self.params or {}).get("steps"))
+        model._initial_epoch = epoch
+        self._current_epoch = epoch
         if self.resume_mid_epoch and mid_epoch:
-            self._resume.start(self, model, reader.epoch, reader.batch)
+            self._resume.start(self, model, reader.epoch, reader.batch,
+                               unbuilt_metrics)
             # Counted as in the run that saved: the next save falls due
             # `save_freq` batches after the checkpoint's.
             self._last_batch_seen = reader.batch
             self._batches_seen_since_last_saving = 0
-        log.info("restored %s: epoch %d, batch %d", reader.path, reader.epoch,
-                 reader.batch)
+        self._report_resume(reader.path, reader.epoch, reader.batch, mid_epoch,
+                            resumed_epoch=epoch)
+
+    def _report_resume(
+        self, path: str, epoch: int, batch: int, mid_epoch: bool,
+        resumed_epoch: int | None = None,
+    ) -> None:
+        """Says once where training resumed from: in the log, and on the
+        console under `verbose` (Keras's callback says nothing).
+
+        `resumed_epoch` is where training continues when not at the
+        checkpoint's epoch (after an epoch's last batch, see
+        `resume.continues_at`)."""
+        saved_epoch = epoch
+        epoch = epoch if resumed_epoch is None else resumed_epoch
+        epochs = (self.params or {}).get("epochs")
+        shown = f" (Epoch {epoch + 1}/{epochs})" if epochs else ""
+        if epochs is not None and epoch >= epochs:
+            then = f"no epoch is left to train (epochs={epochs})"
+        elif mid_epoch and self.resume_mid_epoch:
+            then = f"training continues at epoch {epoch}{shown}, batch {batch + 1}"
+        elif mid_epoch:
+            then = (
+                f"training continues at epoch {epoch}{shown}, batch 0: a "
+                "mid-epoch checkpoint replays its epoch, as with Keras "
+                "(resume_mid_epoch=True skips the batches already trained)"
+            )
+        else:
+            then = f"training continues at epoch {epoch}{shown}"
+        message = (f"resumed from {path} (epoch {saved_epoch}, batch {batch}); "
+                   f"{then}")
+        log.info("%s", message)
+        if self.params and self.params.get("verbose"):
+            print(f"fastbackup: {message}")

@@ -702,16 +702,42 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
             pass
         raise
     path, step, epoch, batch = chosen
+    weights, optimizer = _count_arrays(output)
     out.write(
         f"exported {os.path.basename(path)} (step {step}, epoch {epoch}, "
-        f"batch {batch}; {len(values)} variables) to {output}\n"
+        f"batch {batch}) to {output}: {weights + optimizer} arrays, "
+        f"{weights} of the model and {optimizer} of the optimizer (a Keras "
+        "weights file holds no seed generator or metric state)\n"
     )
+    # `load_weights` restores the optimizer's state only into a built
+    # optimizer; into a freshly compiled model it warns "Skipping variable
+    # loading for optimizer" and training restarts its moments from zero.
+    resume = [
+        ("to resume training from it, in a model built and compiled as in "
+         "training:"),
+        "    model.optimizer.build(model.trainable_variables)",
+        f"    model.load_weights({output!r})",
+    ]
     if epoch:
-        out.write(
-            f"the weights file does not record the epoch: resume with "
-            f"model.fit(..., initial_epoch={epoch})\n"
-        )
+        # The weights file does not record the epoch.
+        resume.append(f"    model.fit(..., initial_epoch={epoch})")
+    out.write("\n".join(resume) + "\n")
     return EXIT_OK
+
+
+def _count_arrays(weights_file: str) -> tuple[int, int]:
+    """`(model arrays, optimizer arrays)` of a Keras weights file."""
+    import h5py
+
+    counts = [0, 0]
+
+    def visit(name: str, item: Any) -> None:
+        if isinstance(item, h5py.Dataset):
+            counts[name.split("/", 1)[0] == "optimizer"] += 1
+
+    with h5py.File(weights_file, "r") as f:
+        f.visititems(visit)
+    return counts[0], counts[1]
 
 
 def _find_benchmarks() -> str | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import errno
 import logging
 import os
 import statistics
@@ -99,27 +100,58 @@ class WriterStats:
     def compression_ratio(self) -> float:
         return self.raw_bytes / self.bytes_written if self.bytes_written else 1.0
 
-    def summary(self, blocking_seconds: list[float]) -> str:
-        """One line for the end of a verbose `fit`."""
-        blocking = (
-            statistics.median(blocking_seconds) * 1e3
-            if blocking_seconds else 0.0
-        )
-        last = (
-            f"step {self.last_durable[0]} (epoch {self.last_durable[1]}, "
-            f"batch {self.last_durable[2]})" if self.last_durable else "none"
-        )
-        return (
-            f"fastbackup: {self.saves} saves, {self.coalesced} coalesced, "
-            f"{self.bytes_written / 1e6:.1f} MB written, median blocking "
-            f"{blocking:.1f} ms/save, last durable {last}"
-        )
+    def summary(self, blocking_seconds: list[float], kept_in: str | None) -> str:
+        """One line for the end of a verbose `fit`.
+
+        Args:
+            blocking_seconds: how long each save of this `fit` held the
+                training thread.
+            kept_in: the backup location when the backup is kept, `None`
+                when it was deleted at the end of `fit`: the line then
+                names no checkpoint, as none is left.
+        """
+        parts = [(
+            f"fastbackup: {self.saves} checkpoint(s) written "
+            f"({_decimal_size(self.bytes_written)})"
+        )]
+        if blocking_seconds:
+            parts.append(
+                "training paused "
+                f"{statistics.median(blocking_seconds) * 1e3:.1f} ms per save "
+                "(median)"
+            )
+        if self.coalesced:
+            # Not a loss: the state of a later step is saved instead.
+            parts.append(
+                f"{self.coalesced} due save(s) taken at a later step, "
+                "the writer being busy"
+            )
+        if kept_in is None:
+            parts.append("backup deleted at the end of training "
+                         "(delete_checkpoint=True)")
+        elif self.last_durable is not None:
+            step, epoch, batch = self.last_durable
+            parts.append(f"newest checkpoint: step {step} (epoch {epoch}, "
+                         f"batch {batch}) in {kept_in}")
+        return "; ".join(parts)
 
     @property
     def throughput(self) -> float:
         """Bytes per second of the durable writes, 0 before the first."""
         total = sum(self.write_seconds)
         return self.bytes_written / total if total else 0.0
+
+
+def _decimal_size(nbytes: int) -> str:
+    """`nbytes` as "512 B", "3.1 kB", "1.2 MB", "4.0 GB"."""
+    if nbytes < 1000:
+        return f"{nbytes} B"
+    value = float(nbytes)
+    for unit in ("kB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 class Slot:
@@ -424,12 +456,34 @@ def as_write_error(error: BaseException) -> BackupWriteError:
 _live_writers: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
 
 
+def _location_removed(writer: BackgroundWriter, error: BaseException) -> bool:
+    """True if `error` is only the backup location having been removed.
+
+    A backup directory deleted on purpose while a write was pending (a
+    test's temporary directory cleaned up after an exception) fails that
+    write with ENOENT; there is nothing left to report.
+    """
+    cause: BaseException | None = error
+    while cause is not None and getattr(cause, "errno", None) != errno.ENOENT:
+        cause = cause.__cause__
+    if cause is None:
+        return False
+    try:
+        return not writer.store.exists()
+    except OSError:
+        return False
+
+
 @atexit.register
 def _flush_at_exit() -> None:
     for writer in list(_live_writers):
         writer.wait_until_finished(raise_errors=False)
         error = writer.check_error()
-        if error is not None:
+        if error is not None and _location_removed(writer, error):
+            log.debug("the last checkpoint write failed at exit, its backup "
+                      "location %s having been removed: %s",
+                      writer.store.location, error)
+        elif error is not None:
             log.error("fastbackup: the last checkpoint write failed at exit: "
                       "%s", error)
         writer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -50,9 +51,30 @@ def test_empty_backup_dir_raises(backup_dir):
         fastbackup.BackupAndRestore(backup_dir)
 
 
-@pytest.mark.parametrize("save_freq", [True, 0, -3, "batch", 1.5, None])
-def test_invalid_save_freq_raises(tmp_path, save_freq):
-    with pytest.raises(ValueError, match="Invalid value for argument `save_freq`"):
+@pytest.mark.parametrize("save_freq", ["batch", 1.5, None, "1"])
+def test_invalid_save_freq_raises_keras_error(tmp_path, save_freq):
+    # Refused by Keras too, with this very message.
+    message = (
+        "Invalid value for argument `save_freq`. "
+        f"Received: save_freq={save_freq}. "
+        "Expected either 'epoch' or an integer value."
+    )
+    for callback in (keras.callbacks.BackupAndRestore,
+                     fastbackup.BackupAndRestore):
+        with pytest.raises(ValueError) as raised:
+            callback(str(tmp_path), save_freq=save_freq)
+        assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("save_freq", [-1, -3])
+def test_negative_save_freq_raises(tmp_path, save_freq):
+    # Keras accepts it and saves after every batch; a difference listed in
+    # docs/migrating.md.
+    with pytest.raises(ValueError, match=(
+            f"Invalid value for argument `save_freq`. Received: "
+            f"save_freq={save_freq}. A negative number of batches is not a "
+            "frequency: use False for no periodic saves, or 1 to save after "
+            "every batch.")):
         fastbackup.BackupAndRestore(tmp_path, save_freq=save_freq)
 
 
@@ -137,7 +159,9 @@ def test_bitwise_restore_of_weights_optimizer_and_metrics(tmp_path):
     assert_state_equal(all_state(fresh), expected)
 
 
-def test_integer_save_freq_counts_like_keras(tmp_path):
+@pytest.mark.parametrize("save_freq", [3, 0, True])
+def test_integer_save_freq_counts_like_keras(tmp_path, save_freq):
+    # 0 and True are integers to Keras: every batch is due.
     saved: list[tuple[int, int]] = []
 
     class Spy(fastbackup.BackupAndRestore):
@@ -155,12 +179,14 @@ def test_integer_save_freq_counts_like_keras(tmp_path):
     for spe in (1,) if keras.backend.backend() == "torch" else (1, 2):
         saved.clear()
         keras_saved.clear()
-        for cb in (Spy(tmp_path / "a", save_freq=3),
-                   KerasSpy(str(tmp_path / "k"), save_freq=3)):
+        for cb in (Spy(tmp_path / "a", save_freq=save_freq),
+                   KerasSpy(str(tmp_path / "k"), save_freq=save_freq)):
             model = make_model()
             model.compile(optimizer="sgd", loss="mse", steps_per_execution=spe)
             model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[cb])
         assert saved == keras_saved and len(saved) >= 4, (spe, saved)
+        if save_freq != 3 and spe == 1:
+            assert len(saved) == 3 * 5
 
 
 def test_epoch_saves_record_next_epoch(tmp_path):
@@ -483,18 +509,66 @@ def test_summary_line_only_when_verbose(tmp_path, capsys):
     model.fit(x, y, epochs=2, batch_size=8, verbose=2, callbacks=[cb])
     [line] = [l for l in capsys.readouterr().out.splitlines()
               if l.startswith("fastbackup:")]
-    assert line.startswith("fastbackup: 2 saves, 0 coalesced, ")
-    assert "MB written, median blocking " in line
-    assert line.endswith("ms/save, last durable step 1 (epoch 2, batch 0)")
+    assert re.fullmatch(
+        r"fastbackup: 2 checkpoint\(s\) written \(\d+\.\d kB\); training "
+        r"paused \d+\.\d ms per save \(median\); newest checkpoint: step 1 "
+        r"\(epoch 2, batch 0\) in " + re.escape(str(tmp_path / "loud")),
+        line), line
+    # Nothing was coalesced: the line does not mention it.
+
+
+def test_summary_names_no_checkpoint_once_the_backup_is_deleted(tmp_path,
+                                                               capsys):
+    x, y = make_data()
+    model = make_model()
+    cb = fastbackup.BackupAndRestore(tmp_path / "b", save_freq=1)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=2, callbacks=[cb])
+    assert not (tmp_path / "b").exists()
+    [line] = [l for l in capsys.readouterr().out.splitlines()
+              if l.startswith("fastbackup:")]
+    assert line.endswith("; backup deleted at the end of training "
+                         "(delete_checkpoint=True)"), line
+    assert not re.search(r"step \d", line) and "newest" not in line, line
+
+
+def _model_without_input():
+    model = keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
 
 
 @pytest.mark.parametrize("save_freq", ["epoch", 2])
-def test_model_built_by_its_first_step_trains_and_resumes(tmp_path, save_freq):
+def test_model_without_input_is_refused_or_trained_as_keras_does(
+        tmp_path, save_freq):
+    # TensorFlow's `fit` builds such a model only in its first step, after
+    # `on_train_begin`, where Keras's callback refuses it, checkpoint or
+    # not; JAX's and torch's `fit` build it before. The first run must
+    # fail as Keras's does, not train and fail the resume.
     x, y = make_data()
-    model = keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(1)])
-    model.compile(optimizer="adam", loss="mse")
+    keras_model, keras_count = _model_without_input(), CountBatches()
+    try:
+        keras_model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
+            keras.callbacks.BackupAndRestore(str(tmp_path / "keras"),
+                                             save_freq=save_freq),
+            keras_count])
+    except ValueError as e:
+        keras_error: ValueError | None = e
+    else:
+        keras_error = None
+    assert (keras_error is not None) == (keras.backend.backend() == "tensorflow")
+    model = _model_without_input()
     cb = fastbackup.BackupAndRestore(tmp_path, save_freq=save_freq,
                                      delete_checkpoint=False)
+    if keras_error is not None:
+        count = CountBatches()
+        with pytest.raises(ValueError) as raised:
+            model.fit(x, y, epochs=2, batch_size=8, verbose=0,
+                      callbacks=[cb, count])
+        assert str(raised.value).replace(str(model), "M") == str(
+            keras_error).replace(str(keras_model), "M")
+        assert count.batches == keras_count.batches == 0
+        assert list(tmp_path.iterdir()) == []  # nothing written
+        return
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
     assert cb.stats.saves >= 1
     expected = all_state(model)
@@ -586,3 +660,40 @@ class RecordAtTrainBegin(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.state = all_state(self.model)
+
+
+@pytest.mark.parametrize("save_freq, interrupt, mid, continues", [
+    # Saved at the end of epoch 0 (recorded as epoch 1, batch 0).
+    ("epoch", (1,), False,
+     "training continues at epoch 1 (Epoch 2/3)"),
+    # Saved after batch 1 of epoch 1: replayed from batch 0, as Keras does.
+    (1, (1, 1), False,
+     ("training continues at epoch 1 (Epoch 2/3), batch 0: a mid-epoch "
+      "checkpoint replays its epoch, as with Keras (resume_mid_epoch=True "
+      "skips the batches already trained)")),
+    (1, (1, 1), True,
+     "training continues at epoch 1 (Epoch 2/3), batch 2"),
+], ids=["epoch-end", "mid-epoch-replayed", "mid-epoch-resumed"])
+@pytest.mark.parametrize("verbose", [0, 2])
+def test_resume_is_reported_once(tmp_path, capsys, caplog, save_freq,
+                                 interrupt, mid, continues, verbose):
+    x, y = make_data()
+    model = make_model()
+    with pytest.raises(RuntimeError, match="Interrupting"):
+        model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[
+            fastbackup.BackupAndRestore(tmp_path, save_freq=save_freq),
+            InterruptAt(*interrupt)])
+    [(_, path)] = LocalStore(str(tmp_path)).list_checkpoints()
+    capsys.readouterr()
+    caplog.set_level("INFO", logger="fastbackup")
+    cb = fastbackup.BackupAndRestore(tmp_path, save_freq=save_freq,
+                                     resume_mid_epoch=mid)
+    model.fit(x, y, epochs=3, batch_size=8, verbose=verbose, callbacks=[cb])
+    position = "epoch 1, batch 1" if save_freq == 1 else "epoch 1, batch 0"
+    message = f"resumed from {path} ({position}); {continues}"
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "fastbackup" and "resumed" in r.getMessage()
+            ] == [message]
+    console = [l for l in capsys.readouterr().out.splitlines()
+               if "resumed" in l]
+    assert console == ([f"fastbackup: {message}"] if verbose else [])

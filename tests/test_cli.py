@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -371,7 +372,7 @@ def test_export_with_model_factory_round_trips(backup, tmp_path, capsys, factory
     code, out, err = run(capsys, "export", backup, out_file,
                          "--model-factory", f"{factory}:build")
     assert code == 0, err
-    assert f"exported ckpt-000000000001.fbk (step 1, epoch 2, batch 0" in out
+    assert "exported ckpt-000000000001.fbk (step 1, epoch 2, batch 0" in out
     assert "initial_epoch=2" in out
     assert_matches_checkpoint(out_file, checkpoint_path(backup, 1))
     # No temporary file is left next to the output.
@@ -764,3 +765,45 @@ def test_export_assembles_the_parts(parted, tmp_path, capsys, factory):
         if name.startswith("metrics.") or "seed_generator" in path:
             continue
         assert value.tobytes() == saved[name].tobytes(), name
+
+
+def test_export_hint_restores_the_optimizer_state_when_followed(backup, tmp_path,
+                                                                capsys):
+    import h5py
+
+    out_file = tmp_path / "out.weights.h5"
+    code, out, err = run(capsys, "export", backup, out_file)
+    assert code == 0, err
+    lines = out.splitlines()
+    # The counts are of what the file holds, counted here independently.
+    with h5py.File(out_file, "r") as f:
+        names: list[str] = []
+        f.visititems(lambda name, item: names.append(name)
+                     if isinstance(item, h5py.Dataset) else None)
+    optimizer = sum(name.startswith("optimizer/") for name in names)
+    assert lines[0] == (
+        f"exported ckpt-000000000001.fbk (step 1, epoch 2, batch 0) to "
+        f"{out_file}: {len(names)} arrays, {len(names) - optimizer} of the "
+        f"model and {optimizer} of the optimizer (a Keras weights file holds "
+        "no seed generator or metric state)")
+    assert (len(names), optimizer) == (9 - 1 + 14, 14)
+    # The hint, followed to the letter in a model built and compiled as in
+    # training, its optimizer not built (as after `compile`).
+    code_lines = [line.strip() for line in lines if line.startswith("    ")]
+    assert code_lines[-1] == "model.fit(..., initial_epoch=2)"
+    model = make_model()
+    assert not model.optimizer.built
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # The printed hint is the code under test: run as a user would.
+        exec("\n".join(code_lines[:-1]), {"model": model})  # noqa: S102
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+    expected = read_checkpoint(checkpoint_path(backup, 1))
+    compared = 0
+    for name, variable in collect_variables(model):
+        if name.startswith("metrics.") or "seed_generator" in variable.path:
+            continue
+        assert np.array(variable.numpy()).tobytes() == expected[name].tobytes(), name
+        compared += 1
+    assert compared == len(names)
+    assert int(model.optimizer.iterations.numpy()) == int(expected["optimizer.0"]) > 0

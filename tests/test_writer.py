@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +18,7 @@ from fastbackup.errors import BackupWriteError, FastBackupError
 from fastbackup.format import CheckpointReader
 from fastbackup.snapshot import HostSnapshot, TensorSpec
 from fastbackup.stores.local import LocalStore
-from fastbackup.writer import BackgroundWriter, as_write_error
+from fastbackup.writer import BackgroundWriter, WriterStats, as_write_error
 
 WAIT = 60  # seconds; a bound against hangs, never a timing assertion
 
@@ -422,3 +424,85 @@ def test_close_without_any_write(tmp_path):
     w.close()
     w.wait_until_finished()
     assert os.listdir(tmp_path) == []
+
+
+# A writer whose one write is pending at interpreter exit: the commit waits
+# until the main thread (which may remove the directory first) lets it go.
+EXIT_SCRIPT = """
+import errno, os, shutil, sys, threading
+from fastbackup import format as fmt
+from fastbackup.stores.local import LocalStore
+from fastbackup.writer import BackgroundWriter
+from tests.test_writer import make_snapshot
+
+directory, remove, failure = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+real = LocalStore.commit
+entered, release = threading.Event(), threading.Event()
+
+def commit(store, *args, **kwargs):
+    entered.set()
+    release.wait(60)
+    if failure == "EIO":
+        raise OSError(errno.EIO, "Input/output error", directory)
+    if failure == "ENOENT":
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory",
+                                os.path.join(directory, "gone.tmp"))
+    return real(store, *args, **kwargs)
+
+LocalStore.commit = commit
+writer = BackgroundWriter(directory, fmt.CompressionPolicy(None), keep=1)
+writer.submit(writer.checkout(block=True), make_snapshot(1.0))
+assert entered.wait(60)
+if remove:
+    shutil.rmtree(directory)
+release.set()
+"""
+
+
+@pytest.mark.parametrize("remove, failure, reported", [
+    # Removed on purpose (a test's temporary directory cleaned up after an
+    # exception): the write's ENOENT is no news.
+    (True, "real", False),
+    # Anything else is still reported.
+    (True, "EIO", True),
+    (False, "EIO", True),
+    (False, "ENOENT", True),
+])
+def test_failed_write_at_exit_is_reported_unless_the_backup_was_removed(
+        tmp_path, remove, failure, reported):
+    directory = tmp_path / "backup"
+    directory.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(directory), str(int(remove)),
+         failure],
+        capture_output=True, text=True, timeout=120, cwd=root, check=False)
+    assert proc.returncode == 0, proc.stderr
+    message = "fastbackup: the last checkpoint write failed at exit: "
+    if reported:
+        [line] = [l for l in proc.stderr.splitlines() if message in l]
+        assert ("Input/output error" if failure == "EIO"
+                else "gone.tmp") in line
+    else:
+        # Nothing from fastbackup (a backend's own start-up lines may be).
+        assert "fastbackup" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("coalesced, kept_in, expected", [
+    (0, "/ckpt/run", ("fastbackup: 3 checkpoint(s) written (4.2 kB); training "
+                      "paused 2.0 ms per save (median); newest checkpoint: "
+                      "step 5 (epoch 1, batch 2) in /ckpt/run")),
+    # Coalesced saves are not lost saves: a later step's state was saved.
+    (2, "/ckpt/run", ("fastbackup: 3 checkpoint(s) written (4.2 kB); training "
+                      "paused 2.0 ms per save (median); 2 due save(s) taken "
+                      "at a later step, the writer being busy; newest "
+                      "checkpoint: step 5 (epoch 1, batch 2) in /ckpt/run")),
+    # The backup was deleted at the end of fit: no checkpoint is named.
+    (0, None, ("fastbackup: 3 checkpoint(s) written (4.2 kB); training paused "
+               "2.0 ms per save (median); backup deleted at the end of "
+               "training (delete_checkpoint=True)")),
+])
+def test_summary_says_only_what_is_true(coalesced, kept_in, expected):
+    stats = WriterStats(saves=3, coalesced=coalesced, bytes_written=4200,
+                        last_durable=(5, 1, 2))
+    assert stats.summary([0.001, 0.002, 0.004], kept_in) == expected
