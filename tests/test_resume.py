@@ -203,3 +203,162 @@ def test_resume_hides_nothing_once_the_epoch_is_over(tmp_path):
     assert [c for c in recorder.calls if c[0] == "end"] == [
         ("end", 0, b) for b in range(N // BATCH)
     ]
+
+
+# Issue 21: the save points, dtypes and models that broke a resume. -----------
+
+
+def _metrics_model():
+    model = _model()
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse",
+                  metrics=["mae"])
+    return model
+
+
+class InterruptValidation(keras.callbacks.Callback):
+    """Raises when the validation of epoch `epoch` begins: the job dies
+    after the epoch's last batch was saved, before its end."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+        self._current = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current = epoch
+
+    def on_test_begin(self, logs=None):
+        if self._current == self.epoch:
+            raise RuntimeError("Interrupting!")
+
+
+def _fit_metrics_model(model, callbacks):
+    x, y = _data()
+    return model.fit(x, y, epochs=EPOCHS, batch_size=BATCH, shuffle=False,
+                     verbose=0, validation_data=(x[:8], y[:8]),
+                     callbacks=callbacks).history
+
+
+def test_checkpoint_at_an_epochs_last_batch_resumes_as_its_end(tmp_path):
+    keras.utils.set_random_seed(11)
+    reference = _metrics_model()
+    history = _fit_metrics_model(reference, [])
+    keras.utils.set_random_seed(11)
+    model = _metrics_model()
+    with pytest.raises(RuntimeError, match="Interrupting"):
+        _fit_metrics_model(model, [
+            fastbackup.BackupAndRestore(tmp_path, save_freq=N // BATCH,
+                                        resume_mid_epoch=True),
+            InterruptValidation(1)])
+    fresh = _metrics_model()
+    callback = fastbackup.BackupAndRestore(tmp_path, save_freq=N // BATCH,
+                                           resume_mid_epoch=True)
+    steps = CountSteps()
+    resumed = _fit_metrics_model(fresh, [callback, steps])
+    assert callback.restored_from[1:] == (1, N // BATCH - 1)
+    # Epoch 1 was trained whole: the fit goes on at epoch 2, and every
+    # epoch it reports has its loss and metrics (a skip of every batch of
+    # epoch 1 reported only val_* for it, or crashed on TensorFlow).
+    assert steps.end - steps.start == N // BATCH
+    for key, values in history.items():
+        assert resumed[key] == values[2:], key
+    assert_state_equal(all_state(fresh, metrics=False),
+                       all_state(reference, metrics=False))
+
+
+def test_mid_epoch_resume_continues_every_compiled_metric(tmp_path):
+    # On TensorFlow the compiled metrics are built by the first step's
+    # trace, after the restore: their saved totals must still continue.
+    keras.utils.set_random_seed(11)
+    history = _fit_metrics_model(_metrics_model(), [])
+    keras.utils.set_random_seed(11)
+    with pytest.raises(RuntimeError, match="Interrupting"):
+        _fit_metrics_model(_metrics_model(), [
+            fastbackup.BackupAndRestore(tmp_path, save_freq=1,
+                                        resume_mid_epoch=True),
+            InterruptAt(1, 2)])
+    fresh = _metrics_model()
+    callback = fastbackup.BackupAndRestore(tmp_path, save_freq=1,
+                                           resume_mid_epoch=True)
+    resumed = _fit_metrics_model(fresh, [callback])
+    assert callback.restored_from[1:] == (1, 2)
+    for key, values in history.items():
+        assert resumed[key] == values[1:], key
+
+
+@pytest.fixture
+def float64():
+    keras.backend.set_floatx("float64")
+    try:
+        yield
+    finally:
+        keras.backend.set_floatx("float32")
+
+
+@pytest.mark.usefixtures("float64")
+def test_float64_and_int64_state_resumes(tmp_path):
+    # On JAX without x64 the arrays are float32 and int32: the checkpoint
+    # holds what is stored, and the restore compares against that.
+    x, y = _data()
+    x, y = x.astype("float64"), y.astype("float64")
+
+    def model_with_counter():
+        model = _model()
+        model.counter = keras.Variable(7, dtype="int64", trainable=False)
+        return model
+
+    keras.utils.set_random_seed(11)
+    reference = model_with_counter()
+    reference.fit(x, y, epochs=EPOCHS, batch_size=BATCH, shuffle=False,
+                  verbose=0)
+    keras.utils.set_random_seed(11)
+    model = model_with_counter()
+    with pytest.raises(RuntimeError, match="Interrupting"):
+        model.fit(x, y, epochs=EPOCHS, batch_size=BATCH, shuffle=False,
+                  verbose=0, callbacks=[
+                      fastbackup.BackupAndRestore(tmp_path, save_freq=1,
+                                                  resume_mid_epoch=True),
+                      InterruptAt(1, 2)])
+    fresh = model_with_counter()
+    callback = fastbackup.BackupAndRestore(tmp_path, save_freq=1,
+                                           resume_mid_epoch=True)
+    fresh.fit(x, y, epochs=EPOCHS, batch_size=BATCH, shuffle=False, verbose=0,
+              callbacks=[callback])
+    assert callback.restored_from[1:] == (1, 2)
+    assert_state_equal(all_state(fresh, metrics=False),
+                       all_state(reference, metrics=False))
+
+
+class TwoBlocks(keras.Model):
+    """A subclassed model whose `build(shape)` leaves its sublayers unbuilt
+    (Keras warns): they are built by the first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = keras.layers.Dense(8, activation="relu")
+        self.second = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+
+@pytest.mark.filterwarnings("ignore:`build\\(\\)` was called")
+def test_first_fit_of_a_model_with_unbuilt_sublayers_trains_like_keras(
+    tmp_path
+):
+    x, y = _data()
+    runs = []
+    for callback in (
+        keras.callbacks.BackupAndRestore(str(tmp_path / "keras")),
+        fastbackup.BackupAndRestore(tmp_path / "fastbackup"),
+    ):
+        keras.utils.set_random_seed(11)
+        model = TwoBlocks()
+        model.build((None, 6))
+        model.compile(optimizer="adam", loss="mse")
+        history = model.fit(x, y, epochs=2, batch_size=BATCH, shuffle=False,
+                            verbose=0, callbacks=[callback]).history
+        runs.append((history, all_state(model, metrics=False)))
+    (keras_history, keras_state), (history, state) = runs
+    assert history == keras_history
+    assert_state_equal(state, keras_state)

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from fastbackup import backend
 from fastbackup import format as fmt
 from fastbackup.snapshot import (
     GROUPS,
@@ -17,6 +18,7 @@ from fastbackup.snapshot import (
     Snapshotter,
     TensorSpec,
     collect_variables,
+    host_dtype,
 )
 from fastbackup.stores.local import LocalStore
 from tests.conftest import fresh_model, make_data, make_model
@@ -279,6 +281,20 @@ def test_take_keeps_scalars_and_dtypes():
     assert [a.shape for a in snap.arrays] == [(2,), (), (), (0, 4)]
     assert snap.arrays[0].tolist() == [1, 2]
     assert int(snap.arrays[1]) == 7 and float(snap.arrays[2]) == 2.5
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int64", "float32", "bfloat16"])
+def test_layout_predicts_the_stored_dtype(dtype):
+    # JAX without x64 stores a float64 or int64 variable as float32 or
+    # int32: the layout, the copy and what a restore compares must all be
+    # the stored dtype, not the declared one.
+    variable = var([1, 2, 3], dtype=dtype)
+    stored = backend.current().read_host(variable).dtype
+    assert host_dtype(variable) == stored
+    snapshotter = Snapshotter(fake_model([variable]))
+    (spec,) = snapshotter.layout()
+    assert spec.dtype == stored
+    assert snapshotter.take(None, 0, 0).specs[0].dtype == stored
 
 
 def test_take_copies_bfloat16():
