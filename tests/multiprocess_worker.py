@@ -724,8 +724,9 @@ def scenario_ranged(url: str) -> dict:
 
 def scenario_crash_train(url: str) -> dict:
     """Trains into the bucket at `url`, saving after every batch, printing
-    `state EPOCH BATCH DIGEST` after each batch (after the save of that
-    batch: the state saved), until the test kills the job with `kill -9`."""
+    `state EPOCH BATCH DIGEST` after each batch (before the save of that
+    batch, of the state it saves: a checkpoint committed before the kill
+    has its line printed), until the test kills the job with `kill -9`."""
     import keras
     from keras import distribution
 
@@ -742,8 +743,8 @@ def scenario_crash_train(url: str) -> dict:
             print("state", self.epoch, batch, digest(self.model), flush=True)
 
     make_model().fit(x, y, **fit_args("data", epochs=100), callbacks=[
-        fastbackup.BackupAndRestore(url, save_freq=1, delete_checkpoint=False),
-        Print()])
+        Print(),
+        fastbackup.BackupAndRestore(url, save_freq=1, delete_checkpoint=False)])
     return {}
 
 

@@ -488,7 +488,8 @@ _RESTARTED_TRAINER = textwrap.dedent("""
     model = make_model()
 
     class Digests(keras.callbacks.Callback):
-        # After fastbackup's save of the same batch: the state it saved.
+        # Before fastbackup's save of the same batch (the state it saves):
+        # a checkpoint committed before the kill has its line printed.
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
         def on_train_batch_end(self, batch, logs=None):
@@ -497,9 +498,9 @@ _RESTARTED_TRAINER = textwrap.dedent("""
             print("state", self.epoch, batch, digest.hexdigest(), flush=True)
 
     model.fit(x, y, epochs=100, batch_size=8, verbose=0,
-              callbacks=[fastbackup.BackupAndRestore({url!r}, save_freq=1,
-                                                     delete_checkpoint=False),
-                         Digests()])
+              callbacks=[Digests(),
+                         fastbackup.BackupAndRestore({url!r}, save_freq=1,
+                                                     delete_checkpoint=False)])
 """)
 
 
