@@ -25,7 +25,7 @@ import fastbackup
 from fastbackup import format as fmt
 from fastbackup.errors import BackupDirLockedError, BackupWriteError
 from fastbackup.snapshot import HostSnapshot, TensorSpec
-from fastbackup.stores import locks, object_store
+from fastbackup.stores import lease, locks, object_store
 from fastbackup.stores.base import WriteCancelled
 from fastbackup.stores.local import LocalStore
 from fastbackup.stores.location import open_store
@@ -317,7 +317,7 @@ LONG_LEASE = 60.0
 def _wait_for_state(pid, states):
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT
     while time.monotonic() < deadline:
-        stat = object_store._proc_stat(pid)
+        stat = lease.proc_stat(pid)
         if stat is None or stat[0] in states:
             return stat
         time.sleep(0.01)
@@ -369,8 +369,8 @@ def test_a_reused_pid_is_not_mistaken_for_the_holder(bucket_url, same_start):
     other = subprocess.Popen([sys.executable, "-c",
                               "import time; time.sleep(600)"])
     try:
-        me = object_store._this_process()
-        start = object_store._proc_stat(other.pid)[1]
+        me = lease.this_process()
+        start = lease.proc_stat(other.pid)[1]
         store = open_store(bucket_url, lease_seconds=LONG_LEASE)
         _write_lease(store, **{**me, "pid": other.pid,
                                "start": start if same_start else start + "7",

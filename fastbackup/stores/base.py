@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import errno
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -209,3 +210,11 @@ class LocationStore(Store):
     @abc.abstractmethod
     def remove_parts(self, names: list[str]) -> None:
         """Deletes the parts `names` (missing ones are ignored)."""
+
+
+def io_error(what: str, url: str, e: BaseException) -> OSError:
+    """An `EIO` naming `url`, for a request the client gave up on after its
+    retries (`what`: "uploading ckpt-...fbk", "reading the lease", ...)."""
+    err = OSError(errno.EIO, f"{what} failed: {e}", url)
+    err.__cause__ = e
+    return err
