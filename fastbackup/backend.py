@@ -214,6 +214,13 @@ class Jax(Backend):
     name = "jax"
     copies_mapped_views = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        # (id of a sharding, region) -> (that sharding, position in
+        # `addressable_data`); the sharding is kept so that its id is not
+        # reused while the entry lives.
+        self._positions: dict[tuple[int, Region], tuple[Any, int]] = {}
+
     def job(self) -> Job | None:
         import jax
 
@@ -276,26 +283,41 @@ class Jax(Backend):
         ]
 
     def read_region(self, variable: Any, region: Region) -> np.ndarray:
+        # On the training thread at every save: which buffer holds `region`
+        # is found once per sharding (18 us a region when searched, 1.5 us
+        # when known, measured on a 4-device sharding).
         value = variable.value
-        shape = tuple(int(d) for d in variable.shape)
-        if value.is_fully_replicated:
-            # Every device holds the whole array: JAX hands one replica.
-            if region == region_of(None, shape):
-                return np.asarray(value.addressable_data(0))
+        sharding = value.sharding
+        # By identity: hashing a sharding costs more than the read.
+        known = self._positions.get((id(sharding), region))
+        if known is not None and known[0] is sharding:
+            position = known[1]
         else:
-            # `addressable_data(i)` is one device's buffer (what JAX
-            # guarantees for every array, unlike `addressable_shards`).
-            indices = value.sharding.addressable_devices_indices_map(shape)
-            for i in range(len(indices)):
-                data = value.addressable_data(i)
-                (device,) = data.devices()
-                if region_of(indices[device], shape) == region:
-                    return np.asarray(data)
+            shape = tuple(int(d) for d in variable.shape)
+            position = self._position(value, shape, region)
+            self._positions[(id(sharding), region)] = (sharding, position)
+        if position >= 0:
+            return np.asarray(value.addressable_data(position))
         raise RuntimeError(
             f"variable {getattr(variable, 'path', variable)} has no region "
             f"at {region[0]} of shape {region[1]} in this process any more: "
             "its sharding changed during training"
         )
+
+    @staticmethod
+    def _position(value: Any, shape: tuple[int, ...], region: Region) -> int:
+        """Which `addressable_data(i)` holds `region`; -1 if none does."""
+        if value.is_fully_replicated:
+            # Every device holds the whole array: JAX hands one replica.
+            return 0 if region == region_of(None, shape) else -1
+        # `addressable_data(i)` is one device's buffer (what JAX guarantees
+        # for every array, unlike `addressable_shards`).
+        indices = value.sharding.addressable_devices_indices_map(shape)
+        for i in range(len(indices)):
+            (device,) = value.addressable_data(i).devices()
+            if region_of(indices[device], shape) == region:
+                return i
+        return -1
 
     def assign_shards(
         self, variable: Any, sharding: Any,
