@@ -85,6 +85,13 @@ class Config:
             connections) before the write fails with `BackupWriteError`.
             `FASTBACKUP_RETRY_SECONDS`: seconds, from 0.5 to 86400.
             Defaults to 180.
+        request_timeout_seconds: the longest one request to an object
+            store may take, from connecting to the end of the answer
+            (connecting alone is limited to 10 s), before it is abandoned
+            and retried, within `retry_seconds`: a server that stops
+            answering costs this long per try instead of stalling the write.
+            `FASTBACKUP_REQUEST_TIMEOUT_SECONDS`: seconds, from 0.5 to
+            86400. Defaults to 120 (a 16 MiB part at about 140 kB/s).
         peer_timeout_seconds: in a multi-process job, how long one process
             waits for the others (their parts of a checkpoint, the commit,
             the lock, the end of `fit`) before its write fails with
@@ -106,6 +113,7 @@ class Config:
     lease_seconds: float = 60.0
     lease_wait_seconds: float = 120.0
     retry_seconds: float = 180.0
+    request_timeout_seconds: float = 120.0
     peer_timeout_seconds: float = 300.0
 
 
@@ -171,14 +179,17 @@ def _seconds(name: str, raw: str) -> float:
 
 
 def seconds_from_environ(name: str) -> float:
-    """`FASTBACKUP_LEASE_SECONDS`, `FASTBACKUP_LEASE_WAIT_SECONDS` or
-    `FASTBACKUP_RETRY_SECONDS`, validated.
+    """`FASTBACKUP_LEASE_SECONDS`, `FASTBACKUP_LEASE_WAIT_SECONDS`,
+    `FASTBACKUP_RETRY_SECONDS` or `FASTBACKUP_REQUEST_TIMEOUT_SECONDS`,
+    validated.
 
     For stores opened outside a callback (the CLI); see `Config`.
     """
     field = {"FASTBACKUP_LEASE_SECONDS": "lease_seconds",
              "FASTBACKUP_LEASE_WAIT_SECONDS": "lease_wait_seconds",
-             "FASTBACKUP_RETRY_SECONDS": "retry_seconds"}[name]
+             "FASTBACKUP_RETRY_SECONDS": "retry_seconds",
+             "FASTBACKUP_REQUEST_TIMEOUT_SECONDS":
+                 "request_timeout_seconds"}[name]
     raw = os.environ.get(name)
     if raw is None:
         return getattr(Config, field)
@@ -227,6 +238,8 @@ def from_environ(environ: Mapping[str, str] | None = None) -> Config:
         "FASTBACKUP_LEASE_SECONDS": ("lease_seconds", _seconds),
         "FASTBACKUP_LEASE_WAIT_SECONDS": ("lease_wait_seconds", _seconds),
         "FASTBACKUP_RETRY_SECONDS": ("retry_seconds", _seconds),
+        "FASTBACKUP_REQUEST_TIMEOUT_SECONDS": (
+            "request_timeout_seconds", _seconds),
         "FASTBACKUP_PEER_TIMEOUT_SECONDS": ("peer_timeout_seconds", _seconds),
     }
     # Variables that are read elsewhere, before any callback exists.

@@ -2,7 +2,7 @@
 
 `MotoServer` runs moto's S3 server as its own process on 127.0.0.1.
 `FaultProxy` sits between the client and that server and, on demand, drops
-connections or answers `503 SlowDown`. moto answers every request with
+connections, answers `503 SlowDown` or `500 InternalError`, or stalls. moto answers every request with
 `Connection: close`, so one client connection carries one request and a
 fault injected per connection hits exactly one request.
 
@@ -32,6 +32,10 @@ from tests.conftest import free_port
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 HTTP_TIMEOUT = 10.0
+# The longest a "stall" fault holds its connection open without answering:
+# far beyond any request timeout a test sets, yet bounded, so that a client
+# that never gives up cannot hold a proxy thread (and the test) for ever.
+STALL_SECONDS = 60.0
 
 
 def _wait_until_serving(
@@ -151,6 +155,11 @@ _SLOW_DOWN = (
     b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+_INTERNAL_ERROR = (
+    b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError"
+    b"</Code><Message>We encountered an internal error. Please try again."
+    b"</Message></Error>"
+)
 
 
 class FaultProxy:
@@ -163,8 +172,18 @@ class FaultProxy:
     or applied to every connection with `fail_all`:
 
     * "drop": read the request head, then reset the connection;
-    * "503": answer `503 Slow Down` (S3's throttling reply) and close.
+    * "503": answer `503 Slow Down` (S3's throttling reply) and close;
+    * "500": answer `500 Internal Server Error` (S3's `InternalError`)
+      and close;
+    * "stall": read the request head, then answer nothing and hold the
+      connection open until the client closes it, the proxy is closed, or
+      `STALL_SECONDS` pass: a server that stopped answering, which only
+      the client's request timeout gets it out of.
+
+    `injected` counts the faults applied, by kind.
     """
+
+    FAULTS = ("drop", "503", "500", "stall")
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -190,9 +209,17 @@ class FaultProxy:
         self._accept.start()
 
     def inject(self, *faults: str) -> None:
+        """Queues `faults`, applied one per new connection, in order.
+
+        Raises:
+            ValueError: a fault is not one of `FAULTS`.
+        """
         for f in faults:
-            if f not in ("drop", "503"):
-                raise ValueError(f"unknown fault {f!r}")
+            if f not in self.FAULTS:
+                raise ValueError(
+                    f"Unknown fault {f!r}. Expected one of: "
+                    f"{', '.join(self.FAULTS)}."
+                )
         with self._lock:
             self._faults.extend(faults)
 
@@ -265,6 +292,15 @@ class FaultProxy:
                         + f"Content-Length: {len(_SLOW_DOWN)}\r\n".encode()
                         + b"Connection: close\r\n\r\n" + _SLOW_DOWN
                     )
+                elif fault == "500":
+                    conn.sendall(
+                        b"HTTP/1.1 500 Internal Server Error\r\n"
+                        b"Content-Type: application/xml\r\n"
+                        + f"Content-Length: {len(_INTERNAL_ERROR)}\r\n".encode()
+                        + b"Connection: close\r\n\r\n" + _INTERNAL_ERROR
+                    )
+                elif fault == "stall":
+                    self._stall(conn)
                 else:
                     # RST instead of FIN: a dropped connection, not a reply.
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
@@ -288,6 +324,25 @@ class FaultProxy:
                 self._open.discard(conn)
             conn.close()
 
+
+    def _stall(self, conn: socket.socket) -> None:
+        """Answers nothing until the client closes `conn`, the proxy is
+        closed, or `STALL_SECONDS` pass.
+
+        What the client still sends (a request body) is read and thrown
+        away: left unread, it would fill the socket buffers and block the
+        client's send, a different fault from a silent server.
+        """
+        deadline = time.monotonic() + STALL_SECONDS
+        # Short reads, so that `close` is seen within a fraction of a second
+        # even while the client sends nothing.
+        conn.settimeout(0.2)
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                if not conn.recv(1 << 20):
+                    return  # the client gave up and closed the connection
+            except TimeoutError:
+                continue
 
     def _count(self, n: int) -> None:
         with self._lock:

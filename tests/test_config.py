@@ -55,6 +55,7 @@ def test_defaults():
     assert c.lease_seconds == 60.0
     assert c.lease_wait_seconds == 120.0
     assert c.retry_seconds == 180.0
+    assert c.request_timeout_seconds == 120.0
     assert c.peer_timeout_seconds == 300.0
 
 
@@ -208,6 +209,7 @@ DURATIONS = [
     ("FASTBACKUP_LEASE_SECONDS", "lease_seconds"),
     ("FASTBACKUP_LEASE_WAIT_SECONDS", "lease_wait_seconds"),
     ("FASTBACKUP_RETRY_SECONDS", "retry_seconds"),
+    ("FASTBACKUP_REQUEST_TIMEOUT_SECONDS", "request_timeout_seconds"),
     ("FASTBACKUP_PEER_TIMEOUT_SECONDS", "peer_timeout_seconds"),
 ]
 
@@ -220,8 +222,8 @@ def test_durations(name, field, raw, value):
 
 
 @pytest.mark.parametrize("name, field", DURATIONS)
-@pytest.mark.parametrize("raw", ["0", "0.4", "-1", "86401", "nan", "inf",
-                                 "", "1m"])
+@pytest.mark.parametrize("raw", ["0", "0.4", "-1", "86401", "90000", "nan",
+                                 "inf", "", "1m", "abc"])
 def test_durations_invalid(name, field, raw):
     assert_rejected(name, raw, "from 0.5 to 86400")
 
@@ -255,7 +257,8 @@ def test_unknown_variable_is_rejected(name):
                   "FASTBACKUP_ON_BUSY", "FASTBACKUP_ON_ERROR",
                   "FASTBACKUP_PENDING_SNAPSHOTS", "FASTBACKUP_PURE_PYTHON",
                   "FASTBACKUP_RESUME_MID_EPOCH", "FASTBACKUP_OVERLAP",
-                  "FASTBACKUP_LEASE_WAIT_SECONDS"):
+                  "FASTBACKUP_LEASE_WAIT_SECONDS",
+                  "FASTBACKUP_REQUEST_TIMEOUT_SECONDS"):
         assert known in message
 
 
@@ -285,6 +288,7 @@ def test_every_variable_at_once():
         FASTBACKUP_LEASE_SECONDS="30",
         FASTBACKUP_LEASE_WAIT_SECONDS="45",
         FASTBACKUP_RETRY_SECONDS="20",
+        FASTBACKUP_REQUEST_TIMEOUT_SECONDS="15",
         FASTBACKUP_PEER_TIMEOUT_SECONDS="50",
         FASTBACKUP_PURE_PYTHON="0",
     )
@@ -293,6 +297,7 @@ def test_every_variable_at_once():
         on_error="warn", log_level="info", resume_mid_epoch=True,
         handle_sigterm=True, overlap=True, lease_seconds=30.0,
         lease_wait_seconds=45.0, retry_seconds=20.0, peer_timeout_seconds=50.0,
+        request_timeout_seconds=15.0,
     )
 
 

@@ -96,7 +96,8 @@ def test_open_store_picks_one_store_per_kind(tmp_path, bucket_url):
 
 
 @pytest.mark.parametrize("name", ["FASTBACKUP_LEASE_SECONDS",
-                                  "FASTBACKUP_RETRY_SECONDS"])
+                                  "FASTBACKUP_RETRY_SECONDS",
+                                  "FASTBACKUP_REQUEST_TIMEOUT_SECONDS"])
 @pytest.mark.parametrize("raw", ["0", "-1", "abc", "nan", "1e9"])
 def test_seconds_variables_are_validated(monkeypatch, name, raw):
     monkeypatch.setenv(name, raw)
@@ -638,14 +639,43 @@ def test_retries_ride_out_503_and_dropped_connections(bucket_fault_proxy, bucket
     # A new store (a new client) for each stage: a server that keeps
     # connections alive (GCS) would otherwise serve the next stage over
     # pooled connections, which the faults (one per new connection) miss.
-    bucket_fault_proxy.inject("503", "drop", "503", "drop")
+    # 500 InternalError too: S3 and GCS ask for it to be retried like 503.
+    bucket_fault_proxy.inject("503", "drop", "500", "503", "drop")
     open_store(bucket_url).commit(0, _encoded(0, n=2 << 20), sync=True)  # multipart
-    bucket_fault_proxy.inject("drop", "503")
+    bucket_fault_proxy.inject("drop", "500", "503")
     [(_, url)] = open_store(bucket_url).list_checkpoints()
-    bucket_fault_proxy.inject("503", "drop")
+    bucket_fault_proxy.inject("503", "500", "drop")
     with open_store(bucket_url).open_checkpoint(url) as reader:
         reader.verify()
-    assert bucket_fault_proxy.injected == {"503": 4, "drop": 4}
+    assert bucket_fault_proxy.injected == {"503": 4, "drop": 4, "500": 3}
+
+
+def test_a_stalled_request_times_out_and_is_retried(
+    bucket_fault_proxy, bucket_url, tmp_path, monkeypatch
+):
+    # Read when the store is created: before open_store.
+    monkeypatch.setenv("FASTBACKUP_REQUEST_TIMEOUT_SECONDS", "1")
+    store = open_store(bucket_url)
+    assert store.request_timeout_seconds == 1.0
+    # The first request of the commit (the data object's PUT) meets a
+    # server that reads it and never answers.
+    bucket_fault_proxy.inject("stall")
+    start = time.monotonic()
+    result = store.commit(0, _encoded(0), sync=True)
+    elapsed = time.monotonic() - start
+    assert bucket_fault_proxy.injected == {"stall": 1}
+    # Past the 1 s timeout, well short of the 120 s default and of the
+    # proxy's STALL_SECONDS: the timeout set was the one honoured.
+    assert elapsed < 30, f"the stalled commit took {elapsed:.1f} s"
+    local = LocalStore(str(tmp_path)).commit(0, _encoded(0), sync=False)
+    with open(local.path, "rb") as f:
+        on_disk = f.read()
+    data = obstore.get(store.client, store._key("ckpt-000000000000.fbk")).bytes()
+    assert bytes(data) == on_disk
+    [(step, url)] = open_store(bucket_url).list_checkpoints()
+    assert (step, url) == (0, result.path)
+    with open_store(bucket_url).open_checkpoint(url) as reader:
+        reader.verify()
 
 
 @pytest.mark.parametrize("fault", ["503", "drop"])

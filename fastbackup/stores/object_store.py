@@ -95,11 +95,16 @@ def _retry_config(seconds: float) -> dict[str, Any]:
     }
 
 
-def _client_options(endpoint: str | None) -> dict[str, Any]:
+def _client_options(
+    endpoint: str | None, request_timeout_seconds: float
+) -> dict[str, Any]:
     options: dict[str, Any] = {
         "connect_timeout": "10s",
-        # Per request; a 16 MiB part at 1 MB/s still fits.
-        "timeout": "120s",
+        # Per request, from connecting to the end of the answer: a server
+        # that stops answering costs one timeout per try, then the request
+        # is retried within retry_seconds. The default (120 s) fits a
+        # 16 MiB part at 1 MB/s.
+        "timeout": datetime.timedelta(seconds=request_timeout_seconds),
     }
     if endpoint and endpoint.startswith("http://"):
         # An explicit plain-HTTP endpoint (an emulator, a local MinIO) is
@@ -108,8 +113,23 @@ def _client_options(endpoint: str | None) -> dict[str, Any]:
     return options
 
 
-def _make_client(scheme: str, bucket: str, retry_seconds: float) -> Any:
-    """Creates the obstore client of a bucket from the standard variables."""
+def _make_client(
+    scheme: str, bucket: str, retry_seconds: float,
+    request_timeout_seconds: float = config_lib.Config.request_timeout_seconds,
+) -> Any:
+    """Creates the obstore client of a bucket from the standard variables.
+
+    Args:
+        scheme: "s3", "s3a" or "gs".
+        bucket: the bucket's name.
+        retry_seconds: how long a failing request is retried.
+        request_timeout_seconds: the longest one request may take, from
+            connecting to the end of the answer, before it is abandoned
+            (and retried).
+
+    Returns:
+        An obstore `S3Store` or `GCSStore`.
+    """
     from obstore.store import GCSStore, S3Store
 
     if scheme in ("s3", "s3a"):
@@ -129,7 +149,7 @@ def _make_client(scheme: str, bucket: str, retry_seconds: float) -> Any:
             kwargs["region"] = region
         return S3Store(
             bucket,
-            client_options=_client_options(endpoint),
+            client_options=_client_options(endpoint, request_timeout_seconds),
             retry_config=_retry_config(retry_seconds),
             **kwargs,
         )
@@ -145,12 +165,13 @@ def _make_client(scheme: str, bucket: str, retry_seconds: float) -> Any:
         return GCSStore(
             bucket,
             config={"service_account_key": key},
-            client_options=_client_options(base),
+            client_options=_client_options(base, request_timeout_seconds),
             retry_config=_retry_config(retry_seconds),
         )
     # GOOGLE_APPLICATION_CREDENTIALS, or the VM's metadata server.
     return GCSStore(
-        bucket, client_options=_client_options(None),
+        bucket,
+        client_options=_client_options(None, request_timeout_seconds),
         retry_config=_retry_config(retry_seconds),
     )
 
@@ -287,6 +308,10 @@ class ObjectStore(LocationStore):
         retry_seconds: how long a failing request is retried, with
             backoff, before it fails. Defaults to `FASTBACKUP_RETRY_SECONDS`,
             or 180.
+        request_timeout_seconds: the longest one request may take, from
+            connecting to the end of the answer, before it is abandoned and
+            retried, within `retry_seconds`. Defaults to `FASTBACKUP_REQUEST_TIMEOUT_SECONDS`,
+            or 120.
         client: an obstore store for the bucket, instead of one made from
             the environment (tests, custom credentials).
 
@@ -302,6 +327,7 @@ class ObjectStore(LocationStore):
         lease_seconds: float | None = None,
         lease_wait_seconds: float | None = None,
         retry_seconds: float | None = None,
+        request_timeout_seconds: float | None = None,
         client: Any = None,
     ) -> None:
         self.scheme, self.bucket, self.prefix = parse_url(url)
@@ -315,9 +341,14 @@ class ObjectStore(LocationStore):
         if retry_seconds is None:
             retry_seconds = config_lib.seconds_from_environ(
                 "FASTBACKUP_RETRY_SECONDS")
+        if request_timeout_seconds is None:
+            request_timeout_seconds = config_lib.seconds_from_environ(
+                "FASTBACKUP_REQUEST_TIMEOUT_SECONDS")
         for arg, value in (("lease_seconds", lease_seconds),
                            ("lease_wait_seconds", lease_wait_seconds),
-                           ("retry_seconds", retry_seconds)):
+                           ("retry_seconds", retry_seconds),
+                           ("request_timeout_seconds",
+                            request_timeout_seconds)):
             if not value > 0:
                 raise ValueError(
                     f"Invalid value for argument `{arg}`: expected a "
@@ -326,8 +357,10 @@ class ObjectStore(LocationStore):
         self.lease_seconds = float(lease_seconds)
         self.lease_wait_seconds = float(lease_wait_seconds)
         self.retry_seconds = float(retry_seconds)
+        self.request_timeout_seconds = float(request_timeout_seconds)
         self.client = client if client is not None else _make_client(
-            self.scheme, self.bucket, self.retry_seconds
+            self.scheme, self.bucket, self.retry_seconds,
+            self.request_timeout_seconds,
         )
         # The commit record as this process last read or wrote it. While
         # this process holds the lease nobody else writes it, so commits
