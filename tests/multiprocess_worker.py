@@ -29,9 +29,11 @@ process feeding its half of each batch). Scenarios:
   with a 4 MiB kernel sharded across the processes is backed up, then
   restored in a new `fit`: what each process reads is counted by its proxy.
 - `crash-train`, `crash-resume`: (1 device per process) WORKDIR is a
-  bucket URL. `crash-train` trains into it, printing each batch's state
-  digest, until the test kills both processes with `kill -9`;
-  `crash-resume` is the same job restarted at once.
+  bucket URL or a directory. `crash-train` trains into it, printing each
+  batch's state digest, until the test kills it with `kill -9`;
+  `crash-resume` is the same job restarted at once: it reports the newest
+  checkpoint it found, the one it restored, the restored state's digest,
+  and what its ended `fit` left under WORKDIR.
 - `layout`: in one process layout, `ModelParallel` on a (1, all devices)
   mesh and `DataParallel`, each interrupted mid-epoch and resumed bitwise;
   then, given SOURCE_WORKDIR (another layout's `layout` run), that run's
@@ -758,9 +760,13 @@ def scenario_crash_resume(url: str) -> dict:
 
     import fastbackup
 
+    from fastbackup.stores.location import open_store
+
     x, y = data("data")
     distribution.set_distribution(distribution_for("data"))
-    seen: dict = {}
+    store = open_store(url)
+    newest = store.list_checkpoints()
+    seen: dict = {"newest_before": newest[0][0] if newest else None}
 
     class Probe(keras.callbacks.Callback):
         # After fastbackup's `on_train_begin`: the state restored.
@@ -771,7 +777,12 @@ def scenario_crash_resume(url: str) -> dict:
     cb = fastbackup.BackupAndRestore(url, save_freq=1)
     start = time.monotonic()
     make_model().fit(x, y, **fit_args("data", epochs=2), callbacks=[cb, Probe()])
-    return {**seen, "restored_from": list(cb.restored_from or [])}
+    # What the ended `fit` (delete_checkpoint=True) left under the location.
+    from tests.object_servers import everything_under
+
+    left = everything_under(url)
+    return {**seen, "restored_from": list(cb.restored_from or []),
+            "left": left}
 
 
 def main() -> dict:

@@ -511,3 +511,18 @@ class GCSServer:
             timeout=HTTP_TIMEOUT,
         ) as answer:
             return json.loads(answer.read())
+
+
+def everything_under(location: str) -> list[str]:
+    """Every file in a backup directory, or every object under a bucket
+    URL's prefix (listed through fastbackup's own client)."""
+    if "://" not in location:
+        return sorted(os.listdir(location)) if os.path.isdir(location) else []
+    import obstore
+
+    from fastbackup.stores.location import open_store
+
+    store = open_store(location)
+    return sorted(meta["path"]
+                  for chunk in obstore.list(store.client, store.prefix)
+                  for meta in chunk)
