@@ -40,7 +40,9 @@ bucket at once, each backs up and restores its final state bitwise.
 
 One process imports TensorFlow and Keras without running an op and forks
 every job (tests/crash_worker.py's zygote), so a trial costs a model build,
-not an import. Object-store clients are created in the forked jobs only:
+not an import; a trial's restart runs while the next trial trains (each
+bucket has two fault proxies, taken in turn, so that one trial's faults
+never reach the other's restart). Object-store clients are created in the forked jobs only:
 the zygote never starts obstore's runtime. The servers (moto,
 fake-gcs-server behind tests/gcs_adapter.py) run as processes of their own
 and every job reaches them through a `FaultProxy`.
@@ -448,12 +450,20 @@ class _Bucket:
         else:
             self.server = GCSServer().start()
         self.name = self.server.create_bucket()
-        self.proxy = FaultProxy(self.server.port)
-        if scheme == "s3":
-            self.env = s3_environ(self.proxy.endpoint)
-        else:
-            self.env = {"STORAGE_EMULATOR_HOST": self.proxy.endpoint}
-        self.env.update(_BUCKET_ENV)
+        # Two proxies, taken in turn by consecutive trials: a trial's faults
+        # must not reach the previous trial's restart, which runs meanwhile.
+        self.proxies = [FaultProxy(self.server.port) for _ in range(2)]
+        self._environ = s3_environ if scheme == "s3" else (
+            lambda endpoint: {"STORAGE_EMULATOR_HOST": endpoint})
+
+    def proxy(self, number: int) -> Any:
+        """The proxy of trial `number`."""
+        return self.proxies[number % 2]
+
+    def env(self, number: int) -> dict[str, str]:
+        """The variables of trial `number`'s jobs: its proxy, and the
+        settings of `_BUCKET_ENV`."""
+        return {**self._environ(self.proxy(number).endpoint), **_BUCKET_ENV}
 
     def url(self, name: str) -> str:
         return f"{self.scheme}://{self.name}/chaos/{name}"
@@ -489,7 +499,8 @@ class _Bucket:
         _put_object(self, key, body)
 
     def close(self) -> None:
-        self.proxy.close()
+        for proxy in self.proxies:
+            proxy.close()
         self.server.stop()
 
 
@@ -553,7 +564,7 @@ class Campaign:
         if store == "local":
             return os.path.join(self.workdir, name), {}
         bucket = self.buckets[store]
-        return bucket.url(name), dict(bucket.env)
+        return bucket.url(name), bucket.env(self._count)
 
     def _wait(self, pid: int, timeout: float) -> int | None:
         deadline = time.monotonic() + timeout
@@ -568,33 +579,61 @@ class Campaign:
     # One trial -----------------------------------------------------------
 
     def trial(self, store: str, fault: str) -> dict[str, Any]:
+        """Starts a trial: trains, meets the fault, and starts the restart,
+        which `finish` waits for (the next trial trains meanwhile)."""
         location, env = self._location(store)
-        progress = os.path.join(self.workdir, f"progress-{self._count}")
+        number = self._count
+        progress = os.path.join(self.workdir, f"progress-{number}")
         step = self.rng.randrange(2, job.TOTAL_STEPS - 4)
-        record: dict[str, Any] = {"store": store, "fault": fault, "step": step}
-        started = time.monotonic()
-        log = os.path.join(self.workdir, f"trial-{self._count}.log")
+        record: dict[str, Any] = {"store": store, "fault": fault, "step": step,
+                                  "number": number, "location": location}
+        record["started"] = time.monotonic()
+        log = os.path.join(self.workdir, f"trial-{number}.log")
         record["log"] = log
+        proxy = self.buckets[store].proxy(number) if store != "local" else None
         pid = _fork(child_train, location, progress, fault, step, env, log=log)
         try:
-            record.update(self._inject(store, fault, pid, progress, step))
+            record.update(self._inject(store, fault, pid, progress, step,
+                                       proxy))
         finally:
             # Reaped already when the job stopped by itself.
             if "exit" not in record:
                 code = _exited(pid)
                 record["exit"] = _kill(pid) if code is None else code
-            if store != "local":
-                self.buckets[store].proxy.fail_all(None)
+            if proxy is not None:
+                proxy.fail_all(None)
         record["progress"], record["finished"], _ = _read(progress)
         os.unlink(progress)
-        record.update(self._restart(location, env))
-        record["seconds"] = time.monotonic() - started
+        record["restart_pid"] = _fork(
+            child_restart, location, self.ref_path,
+            self._restart_out(number), env, log=log)
+        return record
+
+    def _restart_out(self, number: int) -> str:
+        return os.path.join(self.workdir, f"restart-{number}.json")
+
+    def finish(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Waits for a trial's restart and judges the trial."""
+        store, number = record["store"], record.pop("number")
+        location = record.pop("location")
+        pid = record.pop("restart_pid")
+        out_path = self._restart_out(number)
+        if self._wait(pid, self.timeout) is None:
+            record["restart_hang"] = f"no end within {self.timeout:g} s"
+        else:
+            try:
+                with open(out_path) as f:
+                    record.update(json.load(f))
+                os.unlink(out_path)
+            except (OSError, ValueError) as e:
+                record["restart_hang"] = f"no result: {e}"
+        record["seconds"] = time.monotonic() - record.pop("started")
         record["outcome"] = _outcome(record)
         if store != "local":
             record["multipart_left"] = len(
                 self.buckets[store].multipart_uploads())
         if record["outcome"] == "ok":
-            os.unlink(log)
+            os.unlink(record["log"])
             if store == "local":
                 shutil.rmtree(location, ignore_errors=True)
         return record
@@ -609,7 +648,7 @@ class Campaign:
             time.sleep(0.0005)
 
     def _inject(self, store: str, fault: str, pid: int, progress: str,
-                step: int) -> dict[str, Any]:
+                step: int, proxy: Any) -> dict[str, Any]:
         """Meets `fault` around `step`; returns what was observed. The job
         is dead when this returns, or is killed by the caller."""
         out: dict[str, Any] = {}
@@ -626,7 +665,6 @@ class Campaign:
             elif fault == "kill9-write":
                 # Every request from now on is held unanswered: the kill
                 # lands while an upload (or the commit record) is in flight.
-                proxy = self.buckets[store].proxy
                 self._until(lambda: reached(step), pid, f"step {step}")
                 held = proxy.injected["stall"]
                 proxy.fail_all("stall")
@@ -646,7 +684,7 @@ class Campaign:
                     "outage", "lease-lost"):
                 if fault == "outage":
                     self._until(lambda: reached(step), pid, f"step {step}")
-                    self.buckets[store].proxy.fail_all("503")
+                    proxy.fail_all("503")
                 elif fault == "lease-lost":
                     self._until(lambda: reached(step), pid, f"step {step}")
                     self.buckets[store].take_lease(
@@ -658,7 +696,6 @@ class Campaign:
                 if "exit" not in out:
                     out["hang"] = "the job did not stop on its error"
             else:  # a window of faults on the wire, then a kill
-                proxy = self.buckets[store].proxy
                 self._until(lambda: reached(step), pid, f"step {step}")
                 proxy.fail_all(fault)
                 time.sleep(self.rng.uniform(0.05, 1.0))
@@ -679,21 +716,6 @@ class Campaign:
         # Trial locations and progress files share their number.
         number = progress.rpartition("-")[2]
         return self.buckets[store].url(f"trial-{number}")
-
-    def _restart(self, location: str, env: dict[str, str]) -> dict[str, Any]:
-        out_path = os.path.join(self.workdir, f"restart-{self._count}.json")
-        pid = _fork(child_restart, location, self.ref_path, out_path, env,
-                    log=os.path.join(self.workdir,
-                                     f"trial-{self._count}.log"))
-        if self._wait(pid, self.timeout) is None:
-            return {"restart_hang": f"no end within {self.timeout:g} s"}
-        try:
-            with open(out_path) as f:
-                result = json.load(f)
-        except (OSError, ValueError) as e:
-            return {"restart_hang": f"no result: {e}"}
-        os.unlink(out_path)
-        return result
 
     # Two JAX processes --------------------------------------------------
 
@@ -1016,6 +1038,18 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _done(campaign: Campaign, record: dict[str, Any],
+          log: Callable[[str], None]) -> None:
+    """Keeps a judged trial; reports it if it was not ok."""
+    campaign.records.append(record)
+    if record["outcome"] != "ok":
+        log(f"{_row(record)} trial {len(campaign.records)} {record['fault']}: "
+            f"{record['outcome']}: " + json.dumps({k: record.get(k) for k in (
+                "exit", "hang", "error", "crash", "unrestorable",
+                "restart_hang", "left", "newest_step", "restored_from",
+                "differs", "log")})[:1500])
+
+
 def run(trials: int, stores: list[str], seed: int, workdir: str,
         races: int, jobs: int, faults: list[str] | None = None,
         layouts: tuple[int, ...] = (1,),
@@ -1046,27 +1080,20 @@ def run(trials: int, stores: list[str], seed: int, workdir: str,
                      if store in where and (faults is None or f in faults)]
             if not kinds:
                 log(f"{store}: none of the faults asked for applies")
+            pending: dict[str, Any] | None = None
             for i in range(trials if kinds and 1 in layouts else 0):
                 # Every kind once, in order, then drawn at random.
                 fault = (kinds[i] if i < len(kinds)
                          else campaign.rng.choice(kinds))
-                record = campaign.trial(store, fault)
-                campaign.records.append(record)
-                if record["outcome"] != "ok":
-                    log(f"{store} trial {i} {fault}: {record['outcome']}: "
-                        + json.dumps({k: record.get(k) for k in (
-                            "exit", "hang", "error", "crash", "unrestorable",
-                            "restart_hang", "left", "newest_step",
-                            "restored_from", "differs")})[:1500])
-            for i in range(trials if 2 in layouts else 0):
-                record = campaign.trial_two(store)
-                campaign.records.append(record)
-                if record["outcome"] != "ok":
-                    log(f"{store} two-process trial {i}: {record['outcome']}: "
-                        + json.dumps({k: record.get(k) for k in (
-                            "victim", "step", "restart_hang", "left",
-                            "newest_step", "restored_from", "differs",
-                            "log")})[:1500])
+                begun = campaign.trial(store, fault)
+                # The previous trial's restart ran while this one trained.
+                if pending is not None:
+                    _done(campaign, campaign.finish(pending), log)
+                pending = begun
+            if pending is not None:
+                _done(campaign, campaign.finish(pending), log)
+            for _ in range(trials if 2 in layouts else 0):
+                _done(campaign, campaign.trial_two(store), log)
             for _ in range(races):
                 campaign.races.append(campaign.race(store))
             if store != "local" and jobs:
