@@ -318,19 +318,8 @@ class _CheckRestore(keras.callbacks.Callback):
         _, epoch, batch = restored
         key, step = _reference_step(epoch, batch)
         self.result["restored_step"] = step
-        ref = np.load(self.ref_path)
-        differs = []
-        state = job._state(self.model)
-        for name, value in state.items():
-            want_key = f"{key[0]}:{key[1]}:{name}"
-            if want_key not in ref.files:
-                differs.append(f"{name}: no reference at {key}")
-                continue
-            want = ref[want_key]
-            if (want.dtype != value.dtype or want.shape != value.shape
-                    or want.tobytes() != value.tobytes()):
-                differs.append(name)
-        self.result["differs"] = differs
+        self.result["differs"] = job.differences(
+            job._state(self.model), np.load(self.ref_path), key)
 
 
 def _newest_committed(location_lib: Any, location: str) -> int | None:
@@ -729,7 +718,7 @@ class Campaign:
         import subprocess
         import threading
 
-        from tests.conftest import free_port, worker_env
+        from tests.conftest import worker_env
 
         location, env = self._location(store)
         env = {**worker_env(), **env}
@@ -737,12 +726,7 @@ class Campaign:
         log = os.path.join(self.workdir, f"trial-{self._count}.log")
         record["log"] = log
         started = time.monotonic()
-        port = str(free_port())
-        with open(log, "a") as err:
-            procs = [subprocess.Popen(
-                [sys.executable, _MULTI, "crash-train", location, str(i), port],
-                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-                for i in range(2)]
+        procs = _two_processes("crash-train", location, env, log)
         # Each process's state digests, by (epoch, batch), in order.
         states: list[dict[tuple[int, int], str]] = [{}, {}]
 
@@ -776,23 +760,17 @@ class Campaign:
         for t in readers:
             t.join(timeout=self.timeout)
         record["progress"] = len(states[0])
-        port = str(free_port())
-        with open(log, "a") as err:
-            resumed = [subprocess.Popen(
-                [sys.executable, _MULTI, "crash-resume", location, str(i), port],
-                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-                for i in range(2)]
-            results = []
-            for p in resumed:
-                try:
-                    out, _ = p.communicate(timeout=self.timeout)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-                    results.append(None)
-                    continue
-                lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
-                results.append(json.loads(lines[-1][7:]) if lines else None)
+        results = []
+        for p in _two_processes("crash-resume", location, env, log):
+            try:
+                out, _ = p.communicate(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                results.append(None)
+                continue
+            lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
+            results.append(json.loads(lines[-1][7:]) if lines else None)
         if any(r is None for r in results):
             record["restart_hang"] = "a resumed process gave no result"
         else:
@@ -826,25 +804,31 @@ class Campaign:
 
     def race(self, store: str) -> dict[str, Any]:
         """Two jobs start `fit` on one location at the same instant."""
+        import select
+
         location, env = self._location(store)
+        ready_r, ready_w = os.pipe()
         go_r, go_w = os.pipe()
         outs = [os.path.join(self.workdir, f"race-{self._count}-{i}.json")
                 for i in range(2)]
-        pids = [_fork(child_racer, location, env, go_r, out, log=out + ".log")
+        pids = [_fork(child_racer, location, env, (ready_w, go_r), out,
+                      log=out + ".log")
                 for out in outs]
+        os.close(ready_w)
         os.close(go_r)
-        time.sleep(0.5)  # both have built their model and wait on the pipe
+        # Both have built their model and wait on the pipe: one write
+        # releases both.
+        ready = b""
+        while len(ready) < 2 and select.select([ready_r], [], [],
+                                               self.timeout)[0]:
+            chunk = os.read(ready_r, 2)
+            if not chunk:
+                break  # a job died before it was ready: its result says so
+            ready += chunk
+        os.close(ready_r)
         os.write(go_w, b"xx")
         os.close(go_w)
-        results = []
-        for pid, out in zip(pids, outs):
-            self._wait(pid, self.timeout)
-            try:
-                with open(out) as f:
-                    results.append(json.load(f))
-                os.unlink(out)
-            except (OSError, ValueError) as e:
-                results.append({"error": f"no result: {e}"})
+        results = self._results(pids, outs, self.timeout)
         won = [r for r in results if r.get("won")]
         refused = [r for r in results if r.get("locked")
                    and r.get("batches_before_refusal") == 0]
@@ -859,17 +843,40 @@ class Campaign:
             out = os.path.join(self.workdir, f"fleet-{self._count}.json")
             outs.append(out)
             pids.append(_fork(child_fleet, location, env, out, log=out + ".log"))
+        results = self._results(pids, outs, self.timeout * 2)
+        return {"store": store, "jobs": jobs, "results": results,
+                "ok": all(r.get("restored_equal") for r in results)}
+
+    def _results(self, pids: list[int], outs: list[str],
+                 timeout: float) -> list[dict[str, Any]]:
+        """Waits for forked jobs; returns the JSON result each wrote."""
         results = []
         for pid, out in zip(pids, outs):
-            self._wait(pid, self.timeout * 2)
+            self._wait(pid, timeout)
             try:
                 with open(out) as f:
                     results.append(json.load(f))
                 os.unlink(out)
             except (OSError, ValueError) as e:
                 results.append({"error": f"no result: {e}"})
-        return {"store": store, "jobs": jobs, "results": results,
-                "ok": all(r.get("restored_equal") for r in results)}
+        return results
+
+
+def _two_processes(scenario: str, location: str, env: dict[str, str],
+                   log: str) -> list[Any]:
+    """Starts the two processes of a tests/multiprocess_worker.py job (one
+    JAX coordination service on a free port); their stderr goes to `log`,
+    their stdout is piped."""
+    import subprocess
+
+    from tests.conftest import free_port
+
+    port = str(free_port())
+    with open(log, "a") as err:
+        return [subprocess.Popen(
+            [sys.executable, _MULTI, scenario, location, str(i), port],
+            stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            for i in range(2)]
 
 
 class _Hang(Exception):
@@ -885,8 +892,10 @@ def _exited_into(pid: int, out: dict[str, Any]) -> bool:
     return False
 
 
-def child_racer(location: str, env: dict[str, str], go: int,
+def child_racer(location: str, env: dict[str, str], pipes: tuple[int, int],
                 out_path: str) -> None:
+    """One of two jobs racing for `location`: says it is ready on
+    `pipes[0]`, waits for the start on `pipes[1]`, then trains."""
     result: dict[str, Any] = {"batches": 0}
     try:
         os.environ.update(env)
@@ -900,6 +909,8 @@ def child_racer(location: str, env: dict[str, str], go: int,
                 # Long enough that the other job starts while this one runs.
                 time.sleep(0.02)
 
+        ready, go = pipes
+        os.write(ready, b"r")
         os.read(go, 1)
         try:
             model.fit(x, y, epochs=job.EPOCHS, batch_size=job.BATCH,

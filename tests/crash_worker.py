@@ -51,6 +51,7 @@ import sys
 import time
 import traceback
 import types
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -228,6 +229,26 @@ def child_train(backup_dir: str, progress_path: str, mode: str) -> None:
         time.sleep(1)
 
 
+def differences(state: dict[str, np.ndarray], ref: Any,
+                at: tuple[int, int]) -> list[str]:
+    """The variables of `state` that are not, bitwise (dtype and shape
+    included), the reference run's after batch `at` = (epoch, batch);
+    `ref` is the reference's `np.load`."""
+    differs = []
+    for name, value in state.items():
+        key = f"{at[0]}:{at[1]}:{name}"
+        if key not in ref.files:
+            differs.append(f"{name}: no reference state at {at[0]}:{at[1]}")
+            continue
+        want = ref[key]
+        if (want.dtype != value.dtype or want.shape != value.shape
+                or want.tobytes() != value.tobytes()):
+            differs.append(name)
+    if len(state) != len({k.split(":", 2)[2] for k in ref.files}):
+        differs.append("variable count differs from the reference")
+    return differs
+
+
 def child_verify(backup_dir: str, ref_path: str, out_path: str) -> None:
     result: dict = {}
     try:
@@ -264,21 +285,8 @@ def child_verify(backup_dir: str, ref_path: str, out_path: str) -> None:
         else:
             ref_key, step = (epoch, batch), epoch * STEPS_PER_EPOCH + batch + 1
         result["restored_step"] = step
-        ref = np.load(ref_path)
-        state = _state(model)
-        differs = []
-        for name, value in state.items():
-            key = f"{ref_key[0]}:{ref_key[1]}:{name}"
-            if key not in ref.files:
-                differs.append(f"{name}: no reference state at {epoch}:{batch}")
-                continue
-            want = ref[key]
-            if (want.dtype != value.dtype or want.shape != value.shape
-                    or want.tobytes() != value.tobytes()):
-                differs.append(name)
-        if len(state) != len({k.split(":", 2)[2] for k in ref.files}):
-            differs.append("variable count differs from the reference")
-        result["differs"] = differs
+        result["differs"] = differences(_state(model), np.load(ref_path),
+                                        ref_key)
         result["iterations"] = int(model.optimizer.iterations.numpy())
     except BaseException:
         result["crash"] = traceback.format_exc()
