@@ -67,7 +67,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
@@ -213,7 +213,7 @@ class _PausingFile:
         self._before_commit = before_commit
         self._writes = 0
 
-    def __enter__(self) -> _PausingFile:
+    def __enter__(self) -> Self:
         self._f.__enter__()
         return self
 
@@ -987,8 +987,11 @@ def summarize(campaign: Campaign, seconds: float) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for store in sorted({_row(r) for r in records}):
         mine = [r for r in records if _row(r) == store]
-        lost_steps = [r["progress"] - r["restored_step"] for r in mine
-                      if "restored_step" in r]
+        restored = [r for r in mine if "restored_step" in r]
+        lost_steps = [r["progress"] - r["restored_step"] for r in restored]
+        by_fault: dict[str, list[int]] = collections.defaultdict(list)
+        for r in restored:
+            by_fault[r["fault"]].append(r["progress"] - r["restored_step"])
         table[store] = {
             "trials": len(mine),
             "faults": dict(collections.Counter(r["fault"] for r in mine)),
@@ -1004,6 +1007,14 @@ def summarize(campaign: Campaign, seconds: float) -> dict[str, Any]:
             "median_steps_lost": (statistics.median(lost_steps)
                                   if lost_steps else None),
             "max_steps_lost": max(lost_steps) if lost_steps else None,
+            # Where a request fault kept the store from committing while
+            # the job trained on, the steps trained meanwhile are the loss.
+            "steps_lost_by_fault": {
+                f: [statistics.median(v), max(v)]
+                for f, v in sorted(by_fault.items())},
+            # No checkpoint was committed before the fault: the restart
+            # found none and trained from the start, as it must.
+            "started_afresh": len(mine) - len(restored),
             "seconds": sum(r["seconds"] for r in mine),
         }
     return {
@@ -1041,6 +1052,12 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{t['inconsistent']} | {t['unrestorable']} | {t['person']} | "
             f"{t['left_behind']}; {t['multipart_uploads_left']} | "
             f"{t['median_steps_lost']} / {t['max_steps_lost']} | {faults} |")
+    for store, t in summary["stores"].items():
+        by_fault = ", ".join(f"{k} {m:g} / {x}" for k, (m, x)
+                             in t["steps_lost_by_fault"].items())
+        lines.append(f"\nSteps lost on {store}, median / max by fault: "
+                     f"{by_fault}; {t['started_afresh']} trial(s) had no "
+                     "committed checkpoint at the fault and started afresh.")
     for store, r in summary["races"].items():
         lines.append(f"\nRaces on {store}: {r['exactly_one_won']} of "
                      f"{r['runs']} had exactly one winner and one refusal "
