@@ -713,9 +713,8 @@ class Campaign:
         stopped within 5 s (a supervisor restarts the whole job); both are
         started again at once (`crash-resume`)."""
         import subprocess
-        import threading
 
-        from tests.conftest import worker_env
+        from tests.conftest import follow_states, worker_env
 
         location, env = self._location(store)
         env = {**worker_env(), **env}
@@ -725,19 +724,7 @@ class Campaign:
         started = time.monotonic()
         procs = _two_processes("crash-train", location, env, log)
         # Each process's state digests, by (epoch, batch), in order.
-        states: list[dict[tuple[int, int], str]] = [{}, {}]
-
-        def read(i: int) -> None:
-            assert procs[i].stdout is not None
-            for line in procs[i].stdout:
-                fields = line.split()
-                if len(fields) == 4 and fields[0] == "state":
-                    states[i][(int(fields[1]), int(fields[2]))] = fields[3]
-
-        readers = [threading.Thread(target=read, args=(i,), daemon=True)
-                   for i in range(2)]
-        for t in readers:
-            t.start()
+        states, readers = follow_states(procs)
         batches = self.rng.randrange(2, 24)
         victim = self.rng.randrange(2)
         record.update(step=batches, victim=victim)

@@ -314,6 +314,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def follow_states(procs: list[subprocess.Popen]) -> tuple[list[dict], list]:
+    """Reads the `state EPOCH BATCH DIGEST` lines that
+    tests/multiprocess_worker.py's `crash-train` processes print, each on a
+    daemon thread of its own (started here). Returns one dict per process,
+    digest by (epoch, batch), filled as the lines come, and the threads."""
+    import threading
+
+    states: list[dict[tuple[int, int], str]] = [{} for _ in procs]
+
+    def read(i: int) -> None:
+        assert procs[i].stdout is not None
+        for line in procs[i].stdout:
+            fields = line.split()
+            if len(fields) == 4 and fields[0] == "state":
+                states[i][(int(fields[1]), int(fields[2]))] = fields[3]
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True)
+               for i in range(len(procs))]
+    for t in readers:
+        t.start()
+    return states, readers
+
+
 def run_workers(argvs: list[list[str]], timeout: float,
                 check: bool = True) -> list:
     """Runs worker scripts side by side; returns each one's RESULT line.

@@ -356,11 +356,10 @@ def test_a_killed_job_restarted_at_once_resumes_from_its_bucket(bucket, tmp_path
     import signal
     import subprocess
     import sys
-    import threading
     import time
 
     from fastbackup.stores.location import open_store
-    from tests.conftest import worker_env
+    from tests.conftest import follow_states, worker_env
 
     port = str(free_port())
     # stderr to files: a pipe nobody reads would stop a chatty worker.
@@ -369,18 +368,7 @@ def test_a_killed_job_restarted_at_once_resumes_from_its_bucket(bucket, tmp_path
         [sys.executable, MULTI, "crash-train", bucket.url, str(i), port],
         stdout=subprocess.PIPE, stderr=logs[i], text=True,
         env=worker_env()) for i in range(2)]
-    states: list[dict] = [{}, {}]
-
-    def read(i):
-        for line in procs[i].stdout:
-            fields = line.split()
-            if len(fields) == 4 and fields[0] == "state":
-                states[i][(int(fields[1]), int(fields[2]))] = fields[3]
-
-    readers = [threading.Thread(target=read, args=(i,), daemon=True)
-               for i in range(2)]
-    for t in readers:
-        t.start()
+    states, readers = follow_states(procs)
     store = open_store(bucket.url)
     try:
         deadline = time.monotonic() + 240
