@@ -974,11 +974,13 @@ def summarize(campaign: Campaign, seconds: float) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for store in sorted({_row(r) for r in records}):
         mine = [r for r in records if _row(r) == store]
-        restored = [r for r in mine if "restored_step" in r]
-        lost_steps = [r["progress"] - r["restored_step"] for r in restored]
+        # Trials without "restored_step" had nothing committed at the
+        # fault and started afresh: no steps-lost figure.
         by_fault: dict[str, list[int]] = collections.defaultdict(list)
-        for r in restored:
-            by_fault[r["fault"]].append(r["progress"] - r["restored_step"])
+        for r in mine:
+            if "restored_step" in r:
+                by_fault[r["fault"]].append(r["progress"] - r["restored_step"])
+        lost_steps = [n for v in by_fault.values() for n in v]
         table[store] = {
             "trials": len(mine),
             "faults": dict(collections.Counter(r["fault"] for r in mine)),
@@ -994,14 +996,10 @@ def summarize(campaign: Campaign, seconds: float) -> dict[str, Any]:
             "median_steps_lost": (statistics.median(lost_steps)
                                   if lost_steps else None),
             "max_steps_lost": max(lost_steps) if lost_steps else None,
-            # Where a request fault kept the store from committing while
-            # the job trained on, the steps trained meanwhile are the loss.
             "steps_lost_by_fault": {
                 f: [statistics.median(v), max(v)]
                 for f, v in sorted(by_fault.items())},
-            # No checkpoint was committed before the fault: the restart
-            # found none and trained from the start, as it must.
-            "started_afresh": len(mine) - len(restored),
+            "started_afresh": len(mine) - len(lost_steps),
             "seconds": sum(r["seconds"] for r in mine),
         }
     return {

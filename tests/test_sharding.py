@@ -11,7 +11,8 @@ import os
 import keras
 import pytest
 
-from tests.conftest import dense_model, free_port, run_workers
+from tests.conftest import (dense_model, follow_states, free_port, run_workers,
+                            worker_env)
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "sharding_worker.py")
@@ -359,7 +360,6 @@ def test_a_killed_job_restarted_at_once_resumes_from_its_bucket(bucket, tmp_path
     import time
 
     from fastbackup.stores.location import open_store
-    from tests.conftest import follow_states, worker_env
 
     port = str(free_port())
     # stderr to files: a pipe nobody reads would stop a chatty worker.
