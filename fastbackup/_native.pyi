@@ -12,7 +12,7 @@ from typing import Final, Literal, Self, SupportsIndex, final
 # _typeshed exists only for type checkers (never imported at runtime). Its
 # ReadableBuffer is any object with the buffer protocol, numpy arrays and
 # mmap included; collections.abc.Buffer is not in typeshed for Python 3.11.
-from _typeshed import ReadableBuffer, StrOrBytesPath
+from _typeshed import ReadableBuffer, StrOrBytesPath, WriteableBuffer
 
 _crc32c_impl: Final[Literal["sse4.2", "slicing-by-8"]]
 """Name of the CRC-32C implementation chosen for this CPU (diagnostics)."""
@@ -22,6 +22,16 @@ def crc32c(data: ReadableBuffer, value: SupportsIndex = ...) -> int:
 
 def _crc32c_portable(data: ReadableBuffer, value: SupportsIndex = ...) -> int:
     """crc32c() forced onto the portable slicing-by-8 table path, for tests."""
+
+def crc32c_copy(
+    dst: WriteableBuffer, src: ReadableBuffer, value: SupportsIndex = ...
+) -> int:
+    """Copy `src` into `dst` (same size, no overlap; stores bypass the cache) and return crc32c(src, value), reading `src` once."""
+
+def _crc32c_copy_portable(
+    dst: WriteableBuffer, src: ReadableBuffer, value: SupportsIndex = ...
+) -> int:
+    """crc32c_copy() forced onto the portable path (memcpy in cache-sized pieces), for tests."""
 
 def set_failpoint(op: str, nth: SupportsIndex, errno: SupportsIndex) -> None:
     """Test-only: make the nth next `op` syscall fail with `errno` ('short_write' caps writes at nth bytes)."""

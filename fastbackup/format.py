@@ -244,12 +244,27 @@ class EncodedCheckpoint:
     its buffer: `entries[i]["segment"]` is the index of its first one and
     `entries[i]["pad"]` the zero bytes that follow it in a segment of its
     own, which its CRC continues over.
+
+    `known_crcs[i]` is segment i's CRC-32C where the snapshot's copy
+    already computed it (`HostSnapshot.crcs`), so the store need not read
+    that segment twice; `None` where the store must checksum it.
     """
 
     segments: list[Any]
     entries: list[dict[str, Any]]
     meta: dict[str, Any]
     payload_end: int
+    known_crcs: list[int | None] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.known_crcs) > len(self.segments):
+            raise ValueError(
+                f"known_crcs has {len(self.known_crcs)} entries for "
+                f"{len(self.segments)} segments"
+            )
+        self.known_crcs = list(self.known_crcs) + [None] * (
+            len(self.segments) - len(self.known_crcs)
+        )
 
     def trailer(self, crcs: list[int]) -> bytes:
         """Builds header and footer from the payload segments' CRCs."""
@@ -327,6 +342,10 @@ class Encodable(Protocol):
         """Tensor `index`'s bytes and zero padding to a page multiple,
         page-aligned, or `None` (see `HostSnapshot.padded_region`)."""
 
+    def copied_crc32c(self, index: int) -> int | None:
+        """Tensor `index`'s CRC-32C taken while it was copied, or `None`
+        (see `HostSnapshot.crcs`)."""
+
 
 def encode(
     snapshot: Encodable, policy: CompressionPolicy, step: int
@@ -348,6 +367,7 @@ def encode(
     """
     part = snapshot.part
     segments: list[Any] = [_prefix(FLAG_PART if part is not None else 0)]
+    known_crcs: list[int | None] = [None]
     entries: list[dict[str, Any]] = []
     offset = ALIGNMENT
     for index, (spec, array) in enumerate(zip(snapshot.specs, snapshot.arrays)):
@@ -376,12 +396,20 @@ def encode(
                 ),
             }
         )
+        copied = snapshot.copied_crc32c(index) if codec == "raw" else None
         if region is not None:
             segments.append(region)
+            # The padding is read from the buffer, as it is written.
+            known_crcs.append(
+                None if copied is None
+                else native.crc32c(region[stored_size:], copied)
+            )
         else:
             segments.append(stored)
+            known_crcs.append(copied)
             if slot != stored_size:
                 segments.append(_ZEROS[: slot - stored_size])
+                known_crcs.append(None)
         offset += slot
     meta = {
         "format": VERSION,
@@ -394,7 +422,7 @@ def encode(
     if part is not None:
         meta["part"] = {"index": int(part[0]), "count": int(part[1])}
         meta["flags"] = FLAG_PART
-    return EncodedCheckpoint(segments, entries, meta, offset)
+    return EncodedCheckpoint(segments, entries, meta, offset, known_crcs)
 
 
 def _prefix(flags: int) -> bytes:

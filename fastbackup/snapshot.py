@@ -15,6 +15,14 @@ the next training step. An overlapped save (`take_split`, see `overlap`)
 keeps the views of the trainable and optimizer variables until its
 background copy is done, which the next update waits for.
 
+Each variable is copied by the native extension's `crc32c_copy`, which
+checksums the bytes as it copies them (the writer then need not read the
+whole state a second time, on a core that training wants) and stores them
+past the CPU cache (glibc's `memcpy` does that only above a threshold
+derived from the last-level cache, which a VM may report as hundreds of
+MiB: a tensor of a few MiB then costs about 1.7x a streaming copy, measured
+in docs/benchmarks.md).
+
 The buffers are anonymous memory mappings: each array starts on a page and
 is followed by zeros up to the next page, exactly as the tensor lies in a
 version 2 checkpoint file (`format`), so the writer hands each raw tensor to
@@ -35,6 +43,7 @@ import keras
 import numpy as np
 
 from fastbackup import backend
+from fastbackup._compat import native
 from fastbackup.format import ALIGNMENT, align_up, dtype_from_name
 
 log = logging.getLogger("fastbackup")
@@ -44,6 +53,35 @@ log = logging.getLogger("fastbackup")
 # Keras's variable paths embed auto-generated layer names ("dense_3") that
 # differ between instances, so they are kept for messages only.
 GROUPS = ("model", "optimizer", "metrics")
+
+# The pure-Python fallback checksums at a few MB/s: on the training thread
+# that would stall every save, so there the copy is numpy's and the writer
+# thread checksums, as it does for any array copied without a checksum.
+_CHECKSUM_WHILE_COPYING = hasattr(native, "_crc32c_impl")
+
+
+def copy_checksummed(dst: np.ndarray, src: np.ndarray) -> int | None:
+    """Copies `src` into `dst` (same shape and dtype).
+
+    Returns:
+        The CRC-32C of the bytes copied where it came with the copy (both
+        arrays C-contiguous, the native extension loaded), else `None`.
+    """
+    if (
+        _CHECKSUM_WHILE_COPYING
+        and dst.flags.c_contiguous
+        and src.flags.c_contiguous
+        and dst.shape == src.shape
+        and dst.dtype == src.dtype
+    ):
+        # uint8 views: the buffer protocol has no format code for ml_dtypes
+        # types (bfloat16, float8), and the copy is bytewise anyway.
+        return native.crc32c_copy(
+            dst.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8)
+        )
+    np.copyto(dst, src, casting="no")
+    return None
+
 
 # Transparent huge pages are advised for snapshot buffers at least this
 # large: one fault then backs 2 MiB instead of 4 KiB (allocation and fault-in
@@ -153,6 +191,10 @@ class HostSnapshot:
         part: `(process index, process count)` when this is one process's
             part of a multi-process checkpoint (its arrays are shards);
             `None` for a whole checkpoint.
+        crcs: for each array, the CRC-32C of its bytes taken as they were
+            copied in, or `None` where the copy gave none (then the writer
+            computes it); may be shorter than `arrays`. Whoever replaces an
+            array's contents must drop its entry.
     """
 
     specs: list[TensorSpec]
@@ -163,10 +205,15 @@ class HostSnapshot:
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     taken_at: float = 0.0
     part: tuple[int, int] | None = None
+    crcs: list[int | None] = dataclasses.field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
+
+    def copied_crc32c(self, index: int) -> int | None:
+        """Array `index`'s CRC-32C as copied in, or `None` (see `crcs`)."""
+        return self.crcs[index] if index < len(self.crcs) else None
 
     def padded_region(self, index: int) -> memoryview | None:
         """Array `index`'s bytes and zero padding, if it lies in a region.
@@ -441,7 +488,8 @@ class Snapshotter:
         specs: list[TensorSpec] = []
         arrays: list[np.ndarray] = []
         regions: list[np.ndarray | None] = []
-        deferred = DeferredCopy()
+        crcs: list[int | None] = []
+        deferred = DeferredCopy(crcs)
         for piece in pieces:
             name, variable = piece.spec.name, piece.variable
             buf = old.get(name)
@@ -452,9 +500,10 @@ class Snapshotter:
                 # own, aligned like the others, so it stays zero-copy.
                 (buf,), (region,) = aligned_arrays([(view.shape, view.dtype)])
             if defer is not None and defer(variable):
-                deferred.add(buf, view)
+                deferred.add(len(crcs), buf, view)
+                crcs.append(None)
             else:
-                np.copyto(buf, view, casting="no")
+                crcs.append(copy_checksummed(buf, view))
             # Drop the alias at once (see the module docstring).
             del view
             arrays.append(buf)
@@ -468,6 +517,7 @@ class Snapshotter:
             specs.append(spec)
         snap = into if into is not None else HostSnapshot(specs, arrays)
         snap.specs, snap.arrays, snap.regions = specs, arrays, regions
+        snap.crcs = crcs
         snap.part = self.part
         snap.epoch, snap.batch = int(epoch), int(batch)
         snap.metadata = {}
@@ -481,15 +531,20 @@ class DeferredCopy:
     Holding a TensorFlow view makes the variable's next in-place update copy
     its buffer first; `run` drops every view once copied, so the update that
     waits for it finds the buffer unshared.
+
+    Args:
+        crcs: the snapshot's `HostSnapshot.crcs`, where each copy records
+            its checksum.
     """
 
-    def __init__(self) -> None:
-        self._pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    def __init__(self, crcs: list[int | None] | None = None) -> None:
+        self._pairs: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._crcs = crcs if crcs is not None else []
         self.nbytes = 0
 
-    def add(self, buf: np.ndarray, view: np.ndarray) -> None:
-        """Queues the copy of `view` into `buf`."""
-        self._pairs.append((buf, view))
+    def add(self, index: int, buf: np.ndarray, view: np.ndarray) -> None:
+        """Queues the copy of `view` into `buf`, the snapshot's array `index`."""
+        self._pairs.append((index, buf, view))
         self.nbytes += buf.nbytes
 
     def __len__(self) -> int:
@@ -500,8 +555,10 @@ class DeferredCopy:
         pairs, self._pairs = self._pairs, []
         try:
             while pairs:
-                buf, view = pairs.pop()
-                np.copyto(buf, view, casting="no")
+                index, buf, view = pairs.pop()
+                crc = copy_checksummed(buf, view)
+                if index < len(self._crcs):
+                    self._crcs[index] = crc
                 del buf, view
         finally:
             pairs.clear()

@@ -28,7 +28,10 @@ static uint32_t shift_long[4][256];
 static uint32_t shift_short[4][256];
 
 typedef uint32_t (*crc_fn)(uint32_t, const unsigned char *, size_t);
+typedef uint32_t (*copy_fn)(uint32_t, unsigned char *, const unsigned char *,
+                            size_t);
 static crc_fn crc_impl;
+static copy_fn copy_impl;
 static const char *crc_impl_name;
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
@@ -131,6 +134,26 @@ crc32c_sw(uint32_t crc, const unsigned char *p, size_t len)
     return ~crc;
 }
 
+/* Copies in pieces small enough to stay in the L2 cache, each checksummed
+ * from there: the source is read from memory once. */
+#define COPY_PIECE (64 * 1024)
+
+static uint32_t
+crc32c_copy_sw(uint32_t crc, unsigned char *d, const unsigned char *p,
+               size_t len)
+{
+    while (len) {
+        size_t n = len < COPY_PIECE ? len : COPY_PIECE;
+
+        memcpy(d, p, n);
+        crc = crc32c_sw(crc, d, n);
+        d += n;
+        p += n;
+        len -= n;
+    }
+    return crc;
+}
+
 #ifdef FB_HAVE_SSE42
 __attribute__((target("sse4.2"))) static uint32_t
 crc32c_sse42(uint32_t crc, const unsigned char *p, size_t len)
@@ -195,6 +218,75 @@ crc32c_sse42(uint32_t crc, const unsigned char *p, size_t len)
         crc0 = _mm_crc32_u8((uint32_t)crc0, *p++);
     return ~(uint32_t)crc0;
 }
+
+/* The copy half of crc32c_copy_sse42: non-temporal 8-byte stores (SSE2's
+ * movnti). A snapshot is written by another thread long after the copy, so
+ * caching its destination only evicts what training uses; and glibc's
+ * memcpy picks non-temporal stores from a size threshold derived from the
+ * last-level cache, which a VM may report as hundreds of MiB, so a tensor
+ * of a few MiB is otherwise copied with ordinary stores at about 1.7x the
+ * time (measured in docs/benchmarks.md). */
+#define STREAM64(dst, word) _mm_stream_si64((long long *)(void *)(dst), \
+                                            (long long)(word))
+
+__attribute__((target("sse4.2"))) static uint32_t
+crc32c_copy_sse42(uint32_t crc, unsigned char *d, const unsigned char *p,
+                  size_t len)
+{
+    uint64_t crc0 = (uint32_t)~crc;
+
+    while (len && ((uintptr_t)d & 7) != 0) {
+        *d = *p;
+        crc0 = _mm_crc32_u8((uint32_t)crc0, *p++);
+        d++;
+        len--;
+    }
+    /* The three CRC streams of crc32c_sse42, each with its own store
+     * stream: the source is read once, for the copy and the checksum. */
+    while (len >= 3 * LONG_BLOCK) {
+        uint64_t crc1 = 0, crc2 = 0;
+        const unsigned char *end = p + LONG_BLOCK;
+
+        do {
+            uint64_t w0, w1, w2;
+
+            memcpy(&w0, p, 8);
+            memcpy(&w1, p + LONG_BLOCK, 8);
+            memcpy(&w2, p + 2 * LONG_BLOCK, 8);
+            crc0 = _mm_crc32_u64(crc0, w0);
+            crc1 = _mm_crc32_u64(crc1, w1);
+            crc2 = _mm_crc32_u64(crc2, w2);
+            STREAM64(d, w0);
+            STREAM64(d + LONG_BLOCK, w1);
+            STREAM64(d + 2 * LONG_BLOCK, w2);
+            p += 8;
+            d += 8;
+        } while (p < end);
+        crc0 = shift_crc(shift_long, (uint32_t)crc0) ^ (uint32_t)crc1;
+        crc0 = shift_crc(shift_long, (uint32_t)crc0) ^ (uint32_t)crc2;
+        p += 2 * LONG_BLOCK;
+        d += 2 * LONG_BLOCK;
+        len -= 3 * LONG_BLOCK;
+    }
+    while (len >= 8) {
+        uint64_t w;
+
+        memcpy(&w, p, 8);
+        crc0 = _mm_crc32_u64(crc0, w);
+        STREAM64(d, w);
+        p += 8;
+        d += 8;
+        len -= 8;
+    }
+    while (len--) {
+        *d++ = *p;
+        crc0 = _mm_crc32_u8((uint32_t)crc0, *p++);
+    }
+    /* Non-temporal stores are weakly ordered: fence them before the buffer
+     * is handed to another thread. */
+    _mm_sfence();
+    return ~(uint32_t)crc0;
+}
 #endif
 
 static void
@@ -217,6 +309,7 @@ init_tables(void)
     }
 
     crc_impl = crc32c_sw;
+    copy_impl = crc32c_copy_sw;
     crc_impl_name = "slicing-by-8";
 #ifdef FB_HAVE_SSE42
     __builtin_cpu_init();
@@ -224,6 +317,7 @@ init_tables(void)
         build_shift_table(shift_long, LONG_BLOCK);
         build_shift_table(shift_short, SHORT_BLOCK);
         crc_impl = crc32c_sse42;
+        copy_impl = crc32c_copy_sse42;
         crc_impl_name = "sse4.2";
     }
 #endif
@@ -241,6 +335,22 @@ fb_crc32c_portable(uint32_t crc, const void *buf, size_t len)
 {
     pthread_once(&init_once, init_tables);
     return crc32c_sw(crc, (const unsigned char *)buf, len);
+}
+
+uint32_t
+fb_crc32c_copy(uint32_t crc, void *dst, const void *src, size_t len)
+{
+    pthread_once(&init_once, init_tables);
+    return copy_impl(crc, (unsigned char *)dst, (const unsigned char *)src,
+                     len);
+}
+
+uint32_t
+fb_crc32c_copy_portable(uint32_t crc, void *dst, const void *src, size_t len)
+{
+    pthread_once(&init_once, init_tables);
+    return crc32c_copy_sw(crc, (unsigned char *)dst,
+                          (const unsigned char *)src, len);
 }
 
 const char *

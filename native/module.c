@@ -95,6 +95,74 @@ fb_py_crc32c_portable(PyObject *Py_UNUSED(module), PyObject *args,
     return crc_common(args, kwargs, "y*|O:_crc32c_portable", fb_crc32c_portable);
 }
 
+static PyObject *
+copy_common(PyObject *args, PyObject *kwargs, const char *format,
+            uint32_t (*fn)(uint32_t, void *, const void *, size_t))
+{
+    static char *kwlist[] = {"dst", "src", "value", NULL};
+    Py_buffer dst = {0}, src = {0};
+    PyObject *value_obj = NULL, *result = NULL;
+    uint32_t crc = 0;
+
+    /* w* and y* reject non-contiguous buffers; w* also read-only ones. */
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, kwlist, &dst, &src,
+                                     &value_obj))
+        return NULL;
+    if (value_obj != NULL && parse_crc_value(value_obj, &crc) < 0)
+        goto cleanup;
+    if (dst.len != src.len) {
+        PyErr_Format(PyExc_ValueError,
+                     "dst and src must have the same size. Received: "
+                     "len(dst)=%zd, len(src)=%zd", dst.len, src.len);
+        goto cleanup;
+    }
+    {
+        const char *d = dst.buf, *s = src.buf;
+
+        if (dst.len && d < s + src.len && s < d + dst.len) {
+            PyErr_SetString(PyExc_ValueError,
+                            "dst and src must not overlap");
+            goto cleanup;
+        }
+    }
+    if (src.len >= CRC_GIL_THRESHOLD) {
+        Py_BEGIN_ALLOW_THREADS
+        crc = fn(crc, dst.buf, src.buf, (size_t)src.len);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        crc = fn(crc, dst.buf, src.buf, (size_t)src.len);
+    }
+    result = PyLong_FromUnsignedLong(crc);
+
+cleanup:
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    return result;
+}
+
+PyDoc_STRVAR(crc32c_copy_doc,
+"crc32c_copy(dst, src, value=0) -> int\n\n"
+"Copies the C-contiguous buffer `src` into `dst` (writable, the same size,\n"
+"not overlapping) and returns crc32c(src, value), reading `src` once.\n"
+"The stores bypass the CPU cache where the CPU allows (the copy is for\n"
+"another thread to write out). The GIL is released for large buffers.");
+
+static PyObject *
+fb_py_crc32c_copy(PyObject *Py_UNUSED(module), PyObject *args,
+                  PyObject *kwargs)
+{
+    return copy_common(args, kwargs, "w*y*|O:crc32c_copy", fb_crc32c_copy);
+}
+
+static PyObject *
+fb_py_crc32c_copy_portable(PyObject *Py_UNUSED(module), PyObject *args,
+                           PyObject *kwargs)
+{
+    return copy_common(args, kwargs, "w*y*|O:_crc32c_copy_portable",
+                       fb_crc32c_copy_portable);
+}
+
 PyDoc_STRVAR(set_failpoint_doc,
 "set_failpoint(op, nth, errno) -> None\n\n"
 "Test-only fault injection, process-wide. For op in 'open', 'write',\n"
@@ -148,6 +216,12 @@ static PyMethodDef module_methods[] = {
     {"_crc32c_portable", (PyCFunction)(void (*)(void))fb_py_crc32c_portable,
      METH_VARARGS | METH_KEYWORDS,
      "crc32c() forced onto the portable table path, for tests."},
+    {"crc32c_copy", (PyCFunction)(void (*)(void))fb_py_crc32c_copy,
+     METH_VARARGS | METH_KEYWORDS, crc32c_copy_doc},
+    {"_crc32c_copy_portable",
+     (PyCFunction)(void (*)(void))fb_py_crc32c_copy_portable,
+     METH_VARARGS | METH_KEYWORDS,
+     "crc32c_copy() forced onto the portable path, for tests."},
     {"set_failpoint", (PyCFunction)(void (*)(void))fb_py_set_failpoint,
      METH_VARARGS | METH_KEYWORDS, set_failpoint_doc},
     {"clear_failpoints", (PyCFunction)fb_py_clear_failpoints, METH_NOARGS,

@@ -258,26 +258,47 @@ class Bucket:
 BUCKET_SCHEMES = ["s3", "gs"]
 
 
-@pytest.fixture(params=BUCKET_SCHEMES)
-def bucket(request, monkeypatch) -> Iterator[Bucket]:
-    """A new backup location on a real object-store server, per scheme."""
-    if request.param == "s3":
+def _open_bucket(request, monkeypatch, scheme: str) -> Bucket:
+    """A new bucket on the `scheme` server, the client pointed at it."""
+    if scheme == "s3":
         from tests.object_servers import s3_environ
 
         server = request.getfixturevalue("moto_server")
         env = s3_environ(server.endpoint)
         url = f"s3://{server.create_bucket()}/runs/job-1"
-    elif request.param == "gs":
+    elif scheme == "gs":
         server = request.getfixturevalue("gcs_server")
         env = {"STORAGE_EMULATOR_HOST": server.endpoint}
         url = f"gs://{server.create_bucket()}/runs/job-1"
     else:
-        raise AssertionError(f"unknown scheme {request.param!r}")
+        raise AssertionError(f"unknown scheme {scheme!r}")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    yield Bucket(request.param, url, server, env)
+    return Bucket(scheme, url, server, env)
+
+
+@pytest.fixture(params=BUCKET_SCHEMES)
+def bucket(request, monkeypatch) -> Iterator[Bucket]:
+    """A new backup location on a real object-store server, per scheme."""
+    opened = _open_bucket(request, monkeypatch, request.param)
+    yield opened
     if request.param == "s3":
-        server.reset()
+        opened.server.reset()
+
+
+@pytest.fixture(params=["local", *BUCKET_SCHEMES])
+def any_location(request, monkeypatch, tmp_path) -> Iterator[str]:
+    """A new backup location of each kind: a local directory, then one on
+    each object-store server."""
+    if request.param == "local":
+        # As the callback leaves it once it holds the lock.
+        (tmp_path / "backup").mkdir()
+        yield str(tmp_path / "backup")
+        return
+    opened = _open_bucket(request, monkeypatch, request.param)
+    yield opened.url
+    if request.param == "s3":
+        opened.server.reset()
 
 
 @pytest.fixture

@@ -179,6 +179,90 @@ def test_crc32c_threads(native):
     assert results == expected
 
 
+# --- crc32c_copy: the snapshot's copy, checksummed on the way -----------------
+
+COPY_SIZES = SIZES + [3 * 8192 * 4 + 12_345, (1 << 20) + 5]
+
+
+@pytest.mark.parametrize("size", COPY_SIZES)
+def test_crc32c_copy_copies_and_checksums(impl, size):
+    rng = np.random.default_rng(size)
+    src = rng.integers(0, 256, size=size + 16, dtype=np.uint8)
+    for src_offset, dst_offset in ((0, 0), (1, 0), (0, 3), (5, 7)):
+        data = src[src_offset:src_offset + size]
+        # Guard bytes either side: nothing outside dst is written.
+        dst = np.full(size + 16, 0xA5, dtype=np.uint8)
+        out = dst[dst_offset:dst_offset + size]
+        value = int(rng.integers(0, 2**32))
+        assert impl.crc32c_copy(out, data, value) == impl.crc32c(data, value)
+        assert np.array_equal(out, data)
+        assert (dst[:dst_offset] == 0xA5).all()
+        assert (dst[dst_offset + size:] == 0xA5).all()
+
+
+@pytest.mark.parametrize("size", COPY_SIZES)
+def test_crc32c_copy_portable_path_agrees(native, size):
+    rng = np.random.default_rng(size + 1)
+    src = rng.integers(0, 256, size=size + 3, dtype=np.uint8)[3:]
+    fast, portable = np.zeros(size, np.uint8), np.zeros(size, np.uint8)
+    assert native.crc32c_copy(fast, src, 9) == native._crc32c_copy_portable(
+        portable, src, 9) == native._crc32c_portable(src, 9)
+    assert np.array_equal(fast, src) and np.array_equal(portable, src)
+
+
+def test_crc32c_copy_any_dtype_and_buffer(impl):
+    # The snapshot hands over uint8 views; other buffers work the same.
+    src = np.arange(1000, dtype=np.float32)
+    dst = np.empty_like(src)
+    assert impl.crc32c_copy(dst, src) == impl.crc32c(src)
+    assert np.array_equal(dst, src)
+    target = bytearray(5)
+    assert impl.crc32c_copy(target, b"abcde") == impl.crc32c(b"abcde")
+    assert target == b"abcde"
+    with mmap.mmap(-1, 4096) as m:
+        assert impl.crc32c_copy(m, bytes(range(256)) * 16) == impl.crc32c(
+            bytes(range(256)) * 16)
+        assert m[:256] == bytes(range(256))
+
+
+def test_crc32c_copy_rejects_bad_input(impl):
+    with pytest.raises(ValueError, match=r"len\(dst\)=3, len\(src\)=4"):
+        impl.crc32c_copy(bytearray(3), b"abcd")
+    with pytest.raises(TypeError):
+        impl.crc32c_copy(b"read-only", b"abcdefghi")
+    with pytest.raises((BufferError, TypeError, ValueError)):
+        impl.crc32c_copy(np.zeros(8)[::2], np.zeros(4))
+    with pytest.raises(ValueError, match="range"):
+        impl.crc32c_copy(bytearray(1), b"a", 2**32)
+
+
+def test_crc32c_copy_refuses_overlap(native):
+    # memmove semantics would cost the non-temporal stores; the snapshot
+    # never overlaps, so the extension refuses instead of copying wrongly.
+    buf = np.arange(100, dtype=np.uint8)
+    with pytest.raises(ValueError, match="overlap"):
+        native.crc32c_copy(buf[10:60], buf[:50])
+
+
+def test_crc32c_copy_threads(native):
+    # Large copies release the GIL; each thread's result is its own.
+    srcs = [np.frombuffer(os.urandom(1 << 20), np.uint8) for _ in range(4)]
+    dsts = [np.zeros(1 << 20, np.uint8) for _ in range(4)]
+    results = [None] * 4
+
+    def run(i):
+        for _ in range(5):
+            results[i] = native.crc32c_copy(dsts[i], srcs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [native.crc32c(s) for s in srcs]
+    assert all(np.array_equal(d, s) for d, s in zip(dsts, srcs))
+
+
 # --- AtomicFile: normal operation --------------------------------------------
 
 def test_write_commit(impl, tmp_path):

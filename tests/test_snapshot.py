@@ -12,6 +12,9 @@ import pytest
 
 from fastbackup import backend
 from fastbackup import format as fmt
+from fastbackup import snapshot as snapshot_lib
+from fastbackup._compat import native
+from fastbackup.errors import CheckpointCorruptError
 from fastbackup.snapshot import (
     GROUPS,
     HostSnapshot,
@@ -21,6 +24,7 @@ from fastbackup.snapshot import (
     host_dtype,
 )
 from fastbackup.stores.local import LocalStore
+from fastbackup.stores.location import open_store
 from tests.conftest import fresh_model, make_data, make_model
 
 
@@ -431,3 +435,84 @@ def test_aligned_and_ordinary_buffers_write_the_same_file(tmp_path, direct):
     assert len(files[0]) == len(files[1])
     header_start = fmt.ALIGNMENT + sum(fmt.align_up(s.nbytes) for s in specs)
     assert files[0][:header_start] == files[1][:header_start]
+
+
+# Checksums taken while copying ---------------------------------------------------
+
+
+def test_take_checksums_every_array_while_copying():
+    model = trained_model()
+    snapper = Snapshotter(model)
+    snap = snapper.take(None, 0, 0)
+    assert len(snap.crcs) == len(snap.arrays)
+    for i, array in enumerate(snap.arrays):
+        assert snap.copied_crc32c(i) == native.crc32c(
+            array.reshape(-1).view(np.uint8))
+    # Reused buffers get the new state's checksums.
+    before = list(snap.crcs)
+    model.fit(*make_data(), epochs=1, batch_size=8, verbose=0)
+    snapper.take(snap, 0, 1)
+    assert snap.crcs != before
+    assert snap.crcs == [native.crc32c(a.reshape(-1).view(np.uint8))
+                         for a in snap.arrays]
+
+
+def test_deferred_copies_record_their_checksums_when_they_run():
+    model = trained_model()
+    snapper = Snapshotter(model)
+    trainable = {id(v) for v in model.trainable_variables}
+    snap, deferred = snapper.take_split(
+        None, 0, 0, defer=lambda v: id(v) in trainable)
+    waiting = [i for i, c in enumerate(snap.crcs) if c is None]
+    assert len(waiting) == len(deferred) == len(model.trainable_variables)
+    deferred.run()
+    assert snap.crcs == [native.crc32c(a.reshape(-1).view(np.uint8))
+                         for a in snap.arrays]
+
+
+def test_a_copy_without_a_checksum_leaves_it_to_the_writer(monkeypatch, tmp_path):
+    # The pure-Python fallback's checksum would stall training: there the
+    # copy is numpy's, and the writer checksums what it writes.
+    monkeypatch.setattr(snapshot_lib, "_CHECKSUM_WHILE_COPYING", False)
+    snap = Snapshotter(trained_model()).take(None, 0, 0)
+    assert snap.crcs == [None] * len(snap.arrays)
+    encoded = fmt.encode(snap, fmt.CompressionPolicy(None), step=0)
+    assert encoded.known_crcs == [None] * len(encoded.segments)
+    path = LocalStore(str(tmp_path)).commit(0, encoded, sync=False).path
+    with fmt.CheckpointReader(path) as reader:
+        reader.verify()
+
+
+def test_a_non_contiguous_source_is_copied_without_a_checksum():
+    dst = np.zeros((4, 3), "float32")
+    src = np.arange(24, dtype="float32").reshape(4, 6)[:, ::2]
+    assert snapshot_lib.copy_checksummed(dst, src) is None
+    assert np.array_equal(dst, src)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_stores_write_the_checksums_taken_while_copying(any_location, direct):
+    # Each store takes a raw tensor's CRC from the copy instead of reading
+    # the tensor again: a CRC made wrong on purpose reaches the header, and
+    # the reader then refuses that tensor.
+    model = trained_model()
+    snap = Snapshotter(model).take(None, 1, 2)
+    store = open_store(any_location)
+    encoded = fmt.encode(snap, fmt.CompressionPolicy(None), step=0)
+    assert all(encoded.known_crcs[e["segment"]] is not None
+               for e in encoded.entries)
+    good = store.commit(0, encoded, sync=True, direct=direct)
+    with store.open_checkpoint(good.path) as reader:
+        reader.verify()
+        by_name = {e.name: e for e in reader.entries}
+    first = snap.specs[0].name
+    wrong = dict(enumerate(snap.crcs))
+    wrong[0] ^= 1
+    snap.crcs = [wrong[i] for i in range(len(snap.arrays))]
+    bad = store.commit(1, fmt.encode(snap, fmt.CompressionPolicy(None), 1),
+                       sync=True, direct=direct)
+    with store.open_checkpoint(bad.path) as reader:
+        entry = {e.name: e for e in reader.entries}[first]
+        assert entry.crc32c != by_name[first].crc32c
+        with pytest.raises(CheckpointCorruptError, match=first):
+            reader.verify()

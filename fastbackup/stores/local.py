@@ -61,6 +61,33 @@ def _groups(segments: list[Any]) -> list[list[Any]]:
     return groups
 
 
+def _write_group(
+    f: Any, group: list[Any], known: list[int | None]
+) -> list[int]:
+    """Writes `group`, checksumming only the segments of unknown CRC.
+
+    Returns:
+        Each segment's CRC-32C: the known one, or the one computed while it
+        was written.
+    """
+    crcs: list[int] = []
+    start = 0
+    while start < len(group):
+        # Runs of segments alike in whether their CRC is known, one write()
+        # call each.
+        skip = known[start] is not None
+        end = start + 1
+        while end < len(group) and (known[end] is not None) == skip:
+            end += 1
+        if skip:
+            f.write(group[start:end], checksum=False)
+            crcs.extend(known[start:end])  # type: ignore[arg-type]
+        else:
+            crcs.extend(f.write(group[start:end]))
+        start = end
+    return crcs
+
+
 def write_file(
     directory: str,
     name: str,
@@ -101,10 +128,13 @@ def write_file(
     start = time.perf_counter()
     with native.AtomicFile(directory, name, sync=sync, direct=direct) as f:
         crcs: list[int] = []
+        first = 0
         for group in _groups(encoded.segments):
             if cancel is not None and cancel.is_set():
                 raise WriteCancelled(name)
-            crcs.extend(f.write(group))
+            known = encoded.known_crcs[first : first + len(group)]
+            crcs.extend(_write_group(f, group, known))
+            first += len(group)
         f.write([encoded.trailer(crcs)], checksum=False)
         if cancel is not None and cancel.is_set():
             raise WriteCancelled(name)

@@ -535,10 +535,12 @@ class ObjectStore(LocationStore):
         sizes = [0]
 
         def stream() -> Iterator[Any]:
-            for segment in encoded.segments:
+            for segment, known in zip(encoded.segments, encoded.known_crcs):
                 if cancel is not None and cancel.is_set():
                     raise WriteCancelled(name)
-                crcs.append(native.crc32c(segment))
+                crcs.append(
+                    native.crc32c(segment) if known is None else known
+                )
                 sizes[0] += len(segment)
                 if len(segment):
                     yield segment
