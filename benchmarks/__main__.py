@@ -6,7 +6,8 @@ overhead) in another, e (resident memory) in fresh subprocesses, j
 (snapshot strategies on the JAX trainer) in a JAX subprocess, s (an
 S3 bucket on a local moto server: upload, restore, training loop), and m
 (a sharded JAX model in 1 process and in 2, fastbackup and Orbax, in worker
-subprocesses); prints the
+subprocesses), and p (where one save's cost to the training loop goes);
+prints the
 tables and PASS/MISS per target; writes `results.json` and `results.png`
 into `--out`.
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-SECTIONS = "abcdejsm"
+SECTIONS = "abcdejsmp"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +41,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "~100M-parameter model (~1.2 GB of state), about "
                              "27 minutes (1,624 s measured; section b with "
                              "Orbax's saves takes 19 of them)")
+    parser.add_argument("--model", choices=("quick", "medium", "full"),
+                        default=None,
+                        help="the model every section but s runs on: quick "
+                             "(as --quick), medium (Dense(2048) layers, "
+                             "~302 MB of state, ~0.1 s steps) or full "
+                             "(the default)")
     parser.add_argument("--out", default="bench-results",
                         help="folder for results.json and results.png "
                              "(default: %(default)s)")
@@ -62,6 +69,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--repeats and --save-rounds must be at least 1")
     if not set(args.sections) <= set(SECTIONS):
         parser.error(f"--sections takes letters of {SECTIONS!r}")
+    if args.quick and args.model not in (None, "quick"):
+        parser.error(f"--quick is --model quick. Received: --model {args.model}")
+    args.model = "quick" if args.quick else (args.model or "full")
+    args.quick = args.model == "quick"
     return args
 
 
@@ -93,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     work_dir = machine.make_work_dir(args.dir)
-    spec = models.QUICK if args.quick else models.FULL
+    spec = models.SPECS[args.model]
     results: dict[str, Any] = {
         "command": " ".join(["python3 -m benchmarks"] + sys.argv[1:]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -115,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         wants = set(args.sections)
         model = None
-        if wants & set("abcd") or (args.quick and "s" in wants):
+        if wants & set("abcdp") or (args.quick and "s" in wants):
             _log(f"building the {spec.name} model ({spec.parameters / 1e6:.1f} M parameters)")
             model = models.build_model(spec)
             models.warm_up(model, spec)
@@ -139,6 +150,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _log(f"b: training loop, {spec.loop_steps} steps per run, {args.repeats} rounds")
                 results["b_training_loop"] = measurements.measure_training_loop(
                     model, spec, work_dir, args.repeats, (1, 5, "epoch"), _log)
+        if "p" in wants:
+            from benchmarks import save_account
+
+            with _section(results, "p"):
+                _log(f"p: one save's cost in the loop, {args.repeats} rounds")
+                results["p_save_account"] = save_account.measure(
+                    model, spec, work_dir, args.repeats, _log)
         if "s" in wants:
             from benchmarks import object_storage
 
@@ -176,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with _section(results, "j"):
                 _log(f"j: JAX snapshot strategies, {args.repeats} rounds (subprocess)")
                 results["j_jax_snapshot"] = jax_snapshot.run_subprocess(
-                    args.quick, args.repeats, log=_log)
+                    spec.name, args.repeats, log=_log)
         if "m" in wants:
             from benchmarks import sharded
 

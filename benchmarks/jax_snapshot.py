@@ -209,7 +209,7 @@ def measure(spec_name: str, rounds: int, every: int, steps: int,
     return out
 
 
-def run_subprocess(quick: bool, rounds: int, log: Any = print) -> dict[str, Any]:
+def run_subprocess(spec_name: str, rounds: int, log: Any = print) -> dict[str, Any]:
     """Runs `measure` under `KERAS_BACKEND=jax` in a fresh interpreter.
 
     The harness's own process has its backend fixed at import; JAX needs
@@ -220,7 +220,7 @@ def run_subprocess(quick: bool, rounds: int, log: Any = print) -> dict[str, Any]
 
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "benchmarks.jax_snapshot", "--json",
-           "--rounds", str(rounds)] + (["--quick"] if quick else [])
+           "--rounds", str(rounds), "--model", spec_name]
     result = None
     # stderr goes to a file: a pipe read only after stdout ends would
     # deadlock once the child's log output filled it.
@@ -250,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Snapshot strategies on the Keras JAX trainer (section j).",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="the quick model (~76 MB of state)")
+                        help="the quick model (~76 MB of state); as --model quick")
+    parser.add_argument("--model", choices=("quick", "medium", "full"),
+                        default="full",
+                        help="the model (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--every", type=int, default=5,
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds and --every must be at least 1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     steps = 4 * args.every
-    result = measure("quick" if args.quick else "full", args.rounds,
+    result = measure("quick" if args.quick else args.model, args.rounds,
                      args.every, steps, log=lambda m: print(m, flush=True))
     if args.json:
         print("RESULT " + json.dumps(result), flush=True)

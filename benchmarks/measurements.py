@@ -156,12 +156,29 @@ def _close_writer(callback: Any) -> None:
 
 
 class _CopyFloor:
-    """`np.copyto` of the state into preallocated, already-touched buffers."""
+    """`np.copyto` of the state into preallocated, already-touched buffers.
+
+    Variable by variable from the backend's host views (`run`), and in one
+    call over a buffer of the state's size (`run_flat`): glibc's `memcpy`
+    streams past the cache only above a threshold derived from the
+    last-level cache size, so on a VM that reports a large one the first is
+    up to 1.7x the second (docs/benchmarks.md).
+    """
 
     def __init__(self, model: keras.Model) -> None:
         self._model = model
         self._dst = [np.empty_like(a) for a in state_arrays(model)]
+        nbytes = sum(d.nbytes for d in self._dst)
+        self._flat_src = np.ones(nbytes, np.uint8)
+        self._flat_dst = np.zeros(nbytes, np.uint8)
         self.run()  # touch every page once
+        self.run_flat()
+
+    def run_flat(self) -> float:
+        """Returns the seconds of one `np.copyto` of the state's bytes."""
+        start = time.perf_counter()
+        np.copyto(self._flat_dst, self._flat_src)
+        return time.perf_counter() - start
 
     def run(self) -> tuple[float, float]:
         """Returns (seconds to get the variables' host views, seconds to copy)."""
@@ -176,6 +193,7 @@ class _CopyFloor:
 
     def close(self) -> None:
         self._dst = []
+        self._flat_src = self._flat_dst = np.empty(0, np.uint8)
 
 
 class _RawWriteFloor:
@@ -253,7 +271,8 @@ def measure_saves(
     samples: dict[str, list[float]] = {
         name: []
         for name in (
-            "floor_copy_s", "floor_views_s", "fastbackup_blocking_s",
+            "floor_copy_s", "floor_views_s", "floor_flat_copy_s",
+            "fastbackup_blocking_s",
             "fastbackup_durable_s", "fastbackup_write_s", "fastbackup_write_bps",
             "keras_save_s", "raw_write_s", "raw_write_loop_s", "raw_write_bps",
             "orbax_blocking_s", "orbax_durable_s",
@@ -313,6 +332,7 @@ def measure_saves(
         views, copy = floor.run()
         samples["floor_views_s"].append(views)
         samples["floor_copy_s"].append(copy)
+        samples["floor_flat_copy_s"].append(floor.run_flat())
 
     steps: dict[str, Callable[[], None]] = {
         "floor": run_floor,
@@ -384,7 +404,9 @@ def _unaligned_snapshot(aligned: Any) -> Any:
         copy = copy.reshape(array.shape)
         np.copyto(copy, array)
         arrays.append(copy)
-    snap = HostSnapshot(list(aligned.specs), arrays)
+    # The same checksums as the aligned snapshot's copy took: the paths
+    # compared differ in the bounce copy alone.
+    snap = HostSnapshot(list(aligned.specs), arrays, crcs=list(aligned.crcs))
     snap.epoch, snap.batch, snap.taken_at = aligned.epoch, aligned.batch, aligned.taken_at
     return snap
 
@@ -396,8 +418,10 @@ def measure_writer_cpu(
 
     Runs what the writer thread runs for one checkpoint (`format.encode`,
     `LocalStore.commit` with fsync) on this thread, and takes this thread's
-    CPU time (user + system, `time.thread_time`) around it: CRC-32C, any
-    bounce or page-cache copy, and the kernel's work for the write(2)s.
+    CPU time (user + system, `time.thread_time`) around it: any bounce or
+    page-cache copy, and the kernel's work for the write(2)s. The raw
+    tensors' CRC-32C came with the snapshot's copy (`HostSnapshot.crcs`),
+    on every path alike; the header's and padding's are computed here.
     Waiting for the disk is not CPU. Compression is off, so that every
     path writes the same raw bytes. The paths are `WRITE_PATHS`, in
     interleaved rounds; fault-in time of fresh snapshot buffers, with and

@@ -112,7 +112,7 @@ def probe(tool: str, kind: str, spec_name: str, directory: str, saves: int) -> d
     Args:
         tool: "fastbackup", "keras" or "none" (only for kind "fit").
         kind: "saves" or "fit".
-        spec_name: "quick" or "full".
+        spec_name: "quick", "medium" or "full".
         directory: the backup directory (created, then removed).
         saves: saves of a "saves" probe.
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tool", required=True, choices=("fastbackup", "keras", "none"))
     parser.add_argument("--kind", required=True, choices=("saves", "fit"))
-    parser.add_argument("--model", required=True, choices=("quick", "full"))
+    parser.add_argument("--model", required=True, choices=("quick", "medium", "full"))
     parser.add_argument("--dir", required=True)
     parser.add_argument("--saves", type=int, default=3)
     args = parser.parse_args(argv)

@@ -4,7 +4,10 @@ The full model is the one the targets are stated for: a `Sequential` of six
 `Dense(4096, relu)` and a `Dense(1)` on 4096 inputs, trained with Adam at
 batch 32, about 100.7 M parameters and 1.2 GB of state (weights and both Adam
 moments). The quick model has the same structure with 1024 units (about
-76 MB of state): the same code paths, in seconds instead of minutes.
+76 MB of state): the same code paths, in seconds instead of minutes. The
+medium model, 2048 units (about 302 MB of state, steps of about 0.1 s
+here), is the shape where a save's cost is largest against the step: the
+state is large, the step short.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ class ModelSpec:
     """Size of a benchmark model and of its training runs.
 
     Attributes:
-        name: "quick" or "full".
+        name: "quick", "medium" or "full".
         units: width of every hidden `Dense` layer.
         input_dim: number of input features.
         hidden_layers: number of hidden `Dense(units, relu)` layers.
@@ -53,8 +56,9 @@ class ModelSpec:
 
 
 QUICK = ModelSpec(name="quick", units=1024, input_dim=1024, loop_steps=12)
+MEDIUM = ModelSpec(name="medium", units=2048, input_dim=2048, loop_steps=60)
 FULL = ModelSpec(name="full", units=4096, input_dim=4096, loop_steps=20)
-SPECS = {s.name: s for s in (QUICK, FULL)}
+SPECS = {s.name: s for s in (QUICK, MEDIUM, FULL)}
 
 
 def build_model(spec: ModelSpec, seed: int = 0) -> keras.Model:

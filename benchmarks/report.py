@@ -1,7 +1,9 @@
 """Targets, the printed tables, `results.json` and the plot.
 
-The targets are stated for the full model; on the quick model the verdicts
-are printed too but only indicate (small states make fixed costs loom).
+The targets are stated for the full model, but for the loop overhead at
+`save_freq=5`, which has a limit per model (`LOOP_5_LIMITS`); on the other
+models the other verdicts are printed too but only indicate (small states
+make fixed costs loom).
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from typing import Any
 
 MB = 1e6
 GB = 1e9
+
+# The loop overhead allowed at `save_freq=5`, per model: the shorter the
+# step against the state, the larger a save's share (issue 19's targets).
+LOOP_5_LIMITS = {"full": 0.03, "medium": 0.08, "quick": 0.12}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,17 +69,22 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     so = results.get("s_object_store") or {}
     le = lambda v, lim: v <= lim  # noqa: E731
     ge = lambda v, lim: v >= lim  # noqa: E731
+    name = (results.get("model") or {}).get("name", "full")
+    limit5 = LOOP_5_LIMITS.get(name, LOOP_5_LIMITS["full"])
     return [
         _check("a", "blocking per save <= 1.5x memcpy floor",
                _ratio(a.get("fastbackup_blocking_s"), a.get("floor_copy_s")),
                1.5, le, "{:.2f}x floor"),
-        _check("b5", "loop overhead, save_freq=5 <= 3%",
-               _get(b, "fastbackup/5", "overhead"), 0.03, le, "{:+.1%}"),
+        _check("a1", "blocking per save <= 1.1x one memcpy of the state",
+               _ratio(a.get("fastbackup_blocking_s"), a.get("floor_flat_copy_s")),
+               1.1, le, "{:.2f}x memcpy"),
+        _check("b5", f"loop overhead, save_freq=5 <= {limit5:.0%} ({name} model)",
+               _get(b, "fastbackup/5", "overhead"), limit5, le, "{:+.1%}"),
         _check("b1", "loop overhead, save_freq=1 <= 15%",
                _get(b, "fastbackup/1", "overhead"), 0.15, le, "{:+.1%}"),
         # The same targets with FASTBACKUP_OVERLAP=on (off by default).
-        _check("b5o", "loop overhead, save_freq=5, overlapped <= 3%",
-               _get(b, "fastbackup+overlap/5", "overhead"), 0.03, le, "{:+.1%}"),
+        _check("b5o", f"loop overhead, save_freq=5, overlapped <= {limit5:.0%}",
+               _get(b, "fastbackup+overlap/5", "overhead"), limit5, le, "{:+.1%}"),
         _check("b1o", "loop overhead, save_freq=1, overlapped <= 15%",
                _get(b, "fastbackup+overlap/1", "overhead"), 0.15, le, "{:+.1%}"),
         _check("c", "durable write >= 0.9x raw write+fsync",
@@ -264,8 +275,11 @@ def detail_tables(results: dict[str, Any]) -> str:
         m = a["median"]
         first = a.get("first_save", {})
         parts.append(_table(["save (median)", "value"], [
-            ["memcpy floor (+ getting the backend's host views first)",
+            ["memcpy floor, variable by variable (+ getting the backend's "
+             "host views first)",
              f"{_s(m.get('floor_copy_s'))} (+ {_s(m.get('floor_views_s'))})"],
+            ["one memcpy of the state's bytes (one np.copyto)",
+             _s(m.get("floor_flat_copy_s"))],
             ["fastbackup blocking (first save: allocates)",
              f"{_s(m.get('fastbackup_blocking_s'))} ({_s(first.get('fastbackup_blocking_s'))})"],
             ["fastbackup save -> durable", _s(m.get("fastbackup_durable_s"))],
@@ -292,6 +306,9 @@ def detail_tables(results: dict[str, Any]) -> str:
                  _s(p.get("added_bytes"), "MB"), _s(p.get("retained_bytes"), "MB")]
                 for k, p in e.items() if isinstance(p, dict)]
         parts.append(_table(["memory probe", "baseline", "peak", "added", "retained"], rows))
+    p = results.get("p_save_account")
+    if p:
+        parts.append(save_account_table(p))
     j = results.get("j_jax_snapshot")
     if j:
         parts.append(jax_snapshot_table(j))
@@ -421,6 +438,38 @@ def sharded_table(m: dict[str, Any]) -> str:
              f"{ratio('orbax_blocking_s')}, durable {ratio('orbax_durable_s')}, "
              f"restore {ratio('orbax_restore_s')}"]
     return "\n".join(lines + notes)
+
+
+def save_account_table(p: dict[str, Any]) -> str:
+    """Section p: where one save's cost to the training loop goes."""
+    a = p["account"]
+    memcpy = a["memcpy_state_s"]
+
+    def row(what: str, key: str) -> list[str]:
+        value = a[key]
+        return [what, f"{value * 1e3:.1f} ms", f"{value / memcpy:.2f}x"]
+
+    rows = [
+        row("loop cost per save (wall)", "loop_cost_per_save_s"),
+        row("  training thread blocked by the save", "blocking_s"),
+        row("    copy into host buffers (with CRC-32C)", "copy_s"),
+        row("    rest of the save (hand-off, bookkeeping)", "rest_of_save_s"),
+        row("  steps after a save, no write (caches, encode)", "after_save_s"),
+        row("  the write, beside the steps", "write_beside_steps_s"),
+        row("writer thread CPU per save", "writer_cpu_s"),
+        row("  commit: write, fsync, rename", "writer_commit_cpu_s"),
+        row("  encode, prune, bookkeeping", "writer_encode_cpu_s"),
+        row("process CPU per save (all threads)", "process_cpu_per_save_s"),
+        row("save step, over a step without save", "save_step_extra_s"),
+        row("step after the save, over the same", "next_step_extra_s"),
+        row("one memcpy of the state", "memcpy_state_s"),
+        row("end of fit: wait for the last write (once)", "end_wait_s"),
+    ]
+    title = (f"p. one save's cost in the loop (save_freq={p['save_freq']}, "
+             f"{p['steps']} steps, {p['saves_per_run']} saves per run, medians "
+             f"of {len(p['runs']['none'])} interleaved rounds; overhead up to "
+             f"the last batch {a['overhead']:+.1%})")
+    return title + "\n" + _table(["where", "per save", "x memcpy"], rows)
 
 
 def jax_snapshot_table(j: dict[str, Any]) -> str:
