@@ -155,55 +155,75 @@ crc32c_copy_sw(uint32_t crc, unsigned char *d, const unsigned char *p,
 }
 
 #ifdef FB_HAVE_SSE42
-__attribute__((target("sse4.2"))) static uint32_t
-crc32c_sse42(uint32_t crc, const unsigned char *p, size_t len)
+/* With a destination, each word read is also stored there with SSE2's
+ * movnti, past the cache: a snapshot is written out by another thread long
+ * after the copy, so caching it only evicts what training uses. glibc's
+ * memcpy streams past the cache only above a size threshold derived from
+ * the last-level cache, which a VM may report as hundreds of MiB: a tensor
+ * of a few MiB was copied with ordinary stores, at up to 1.7x the time
+ * (docs/benchmarks.md). */
+#define STREAM64(dst, word) _mm_stream_si64((long long *)(void *)(dst), \
+                                            (long long)(word))
+
+/* Three streams of `block` bytes each, from `p` (and to `d` unless NULL),
+ * merged into one CRC register. Inlined into both callers, so the test of
+ * `d` is resolved at compile time. */
+__attribute__((target("sse4.2"), always_inline)) static inline uint64_t
+three_streams(uint64_t crc0, unsigned char *d, const unsigned char *p,
+              size_t block, uint32_t shift[4][256])
+{
+    uint64_t crc1 = 0, crc2 = 0;
+
+    for (size_t i = 0; i < block; i += 8) {
+        uint64_t w0, w1, w2;
+
+        memcpy(&w0, p + i, 8);
+        memcpy(&w1, p + block + i, 8);
+        memcpy(&w2, p + 2 * block + i, 8);
+        crc0 = _mm_crc32_u64(crc0, w0);
+        crc1 = _mm_crc32_u64(crc1, w1);
+        crc2 = _mm_crc32_u64(crc2, w2);
+        if (d != NULL) {
+            STREAM64(d + i, w0);
+            STREAM64(d + block + i, w1);
+            STREAM64(d + 2 * block + i, w2);
+        }
+    }
+    crc0 = shift_crc(shift, (uint32_t)crc0) ^ (uint32_t)crc1;
+    return shift_crc(shift, (uint32_t)crc0) ^ (uint32_t)crc2;
+}
+
+/* The CRC of `len` bytes at `p` and, when `d` is not NULL, their copy
+ * there: the source is read once for both. */
+__attribute__((target("sse4.2"), always_inline)) static inline uint32_t
+crc32c_hw(uint32_t crc, unsigned char *d, const unsigned char *p, size_t len)
 {
     /* The instruction works on 64-bit values; keeping the CRC in one avoids a
      * zero-extension per step. */
     uint64_t crc0 = (uint32_t)~crc;
+    /* Word accesses aligned on the destination when copying (its stores
+     * are the costlier), else on the source. */
+    uintptr_t aligned_on = d != NULL ? (uintptr_t)d : (uintptr_t)p;
 
-    while (len && ((uintptr_t)p & 7) != 0) {
+    while (len && (aligned_on & 7) != 0) {
+        if (d != NULL)
+            *d++ = *p;
         crc0 = _mm_crc32_u8((uint32_t)crc0, *p++);
+        aligned_on++;
         len--;
     }
     while (len >= 3 * LONG_BLOCK) {
-        uint64_t crc1 = 0, crc2 = 0;
-        const unsigned char *end = p + LONG_BLOCK;
-
-        do {
-            uint64_t w0, w1, w2;
-
-            memcpy(&w0, p, 8);
-            memcpy(&w1, p + LONG_BLOCK, 8);
-            memcpy(&w2, p + 2 * LONG_BLOCK, 8);
-            crc0 = _mm_crc32_u64(crc0, w0);
-            crc1 = _mm_crc32_u64(crc1, w1);
-            crc2 = _mm_crc32_u64(crc2, w2);
-            p += 8;
-        } while (p < end);
-        crc0 = shift_crc(shift_long, (uint32_t)crc0) ^ (uint32_t)crc1;
-        crc0 = shift_crc(shift_long, (uint32_t)crc0) ^ (uint32_t)crc2;
-        p += 2 * LONG_BLOCK;
+        crc0 = three_streams(crc0, d, p, LONG_BLOCK, shift_long);
+        p += 3 * LONG_BLOCK;
+        if (d != NULL)
+            d += 3 * LONG_BLOCK;
         len -= 3 * LONG_BLOCK;
     }
     while (len >= 3 * SHORT_BLOCK) {
-        uint64_t crc1 = 0, crc2 = 0;
-        const unsigned char *end = p + SHORT_BLOCK;
-
-        do {
-            uint64_t w0, w1, w2;
-
-            memcpy(&w0, p, 8);
-            memcpy(&w1, p + SHORT_BLOCK, 8);
-            memcpy(&w2, p + 2 * SHORT_BLOCK, 8);
-            crc0 = _mm_crc32_u64(crc0, w0);
-            crc1 = _mm_crc32_u64(crc1, w1);
-            crc2 = _mm_crc32_u64(crc2, w2);
-            p += 8;
-        } while (p < end);
-        crc0 = shift_crc(shift_short, (uint32_t)crc0) ^ (uint32_t)crc1;
-        crc0 = shift_crc(shift_short, (uint32_t)crc0) ^ (uint32_t)crc2;
-        p += 2 * SHORT_BLOCK;
+        crc0 = three_streams(crc0, d, p, SHORT_BLOCK, shift_short);
+        p += 3 * SHORT_BLOCK;
+        if (d != NULL)
+            d += 3 * SHORT_BLOCK;
         len -= 3 * SHORT_BLOCK;
     }
     while (len >= 8) {
@@ -211,81 +231,36 @@ crc32c_sse42(uint32_t crc, const unsigned char *p, size_t len)
 
         memcpy(&w, p, 8);
         crc0 = _mm_crc32_u64(crc0, w);
+        if (d != NULL) {
+            STREAM64(d, w);
+            d += 8;
+        }
         p += 8;
         len -= 8;
     }
-    while (len--)
+    while (len--) {
+        if (d != NULL)
+            *d++ = *p;
         crc0 = _mm_crc32_u8((uint32_t)crc0, *p++);
+    }
+    /* Non-temporal stores are weakly ordered: fence them before the buffer
+     * is handed to another thread. */
+    if (d != NULL)
+        _mm_sfence();
     return ~(uint32_t)crc0;
 }
 
-/* The copy half of crc32c_copy_sse42: non-temporal 8-byte stores (SSE2's
- * movnti). A snapshot is written by another thread long after the copy, so
- * caching its destination only evicts what training uses; and glibc's
- * memcpy picks non-temporal stores from a size threshold derived from the
- * last-level cache, which a VM may report as hundreds of MiB, so a tensor
- * of a few MiB is otherwise copied with ordinary stores at about 1.7x the
- * time (measured in docs/benchmarks.md). */
-#define STREAM64(dst, word) _mm_stream_si64((long long *)(void *)(dst), \
-                                            (long long)(word))
+__attribute__((target("sse4.2"))) static uint32_t
+crc32c_sse42(uint32_t crc, const unsigned char *p, size_t len)
+{
+    return crc32c_hw(crc, NULL, p, len);
+}
 
 __attribute__((target("sse4.2"))) static uint32_t
 crc32c_copy_sse42(uint32_t crc, unsigned char *d, const unsigned char *p,
                   size_t len)
 {
-    uint64_t crc0 = (uint32_t)~crc;
-
-    while (len && ((uintptr_t)d & 7) != 0) {
-        *d = *p;
-        crc0 = _mm_crc32_u8((uint32_t)crc0, *p++);
-        d++;
-        len--;
-    }
-    /* The three CRC streams of crc32c_sse42, each with its own store
-     * stream: the source is read once, for the copy and the checksum. */
-    while (len >= 3 * LONG_BLOCK) {
-        uint64_t crc1 = 0, crc2 = 0;
-        const unsigned char *end = p + LONG_BLOCK;
-
-        do {
-            uint64_t w0, w1, w2;
-
-            memcpy(&w0, p, 8);
-            memcpy(&w1, p + LONG_BLOCK, 8);
-            memcpy(&w2, p + 2 * LONG_BLOCK, 8);
-            crc0 = _mm_crc32_u64(crc0, w0);
-            crc1 = _mm_crc32_u64(crc1, w1);
-            crc2 = _mm_crc32_u64(crc2, w2);
-            STREAM64(d, w0);
-            STREAM64(d + LONG_BLOCK, w1);
-            STREAM64(d + 2 * LONG_BLOCK, w2);
-            p += 8;
-            d += 8;
-        } while (p < end);
-        crc0 = shift_crc(shift_long, (uint32_t)crc0) ^ (uint32_t)crc1;
-        crc0 = shift_crc(shift_long, (uint32_t)crc0) ^ (uint32_t)crc2;
-        p += 2 * LONG_BLOCK;
-        d += 2 * LONG_BLOCK;
-        len -= 3 * LONG_BLOCK;
-    }
-    while (len >= 8) {
-        uint64_t w;
-
-        memcpy(&w, p, 8);
-        crc0 = _mm_crc32_u64(crc0, w);
-        STREAM64(d, w);
-        p += 8;
-        d += 8;
-        len -= 8;
-    }
-    while (len--) {
-        *d++ = *p;
-        crc0 = _mm_crc32_u8((uint32_t)crc0, *p++);
-    }
-    /* Non-temporal stores are weakly ordered: fence them before the buffer
-     * is handed to another thread. */
-    _mm_sfence();
-    return ~(uint32_t)crc0;
+    return crc32c_hw(crc, d, p, len);
 }
 #endif
 
