@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.verdict_lines(results))
     if results["model"]["name"] != "full":
-        print("(targets are stated for the full model; quick-model verdicts only indicate)")
+        print(f"(targets are stated for the full model, but b5/b5o's per model; the "
+              f"{results['model']['name']} model's other verdicts only indicate)")
     for name, trace in results.get("errors", {}).items():
         print(f"section {name} FAILED: {trace.strip().splitlines()[-1]}")
     print()

@@ -537,9 +537,9 @@ class DeferredCopy:
             its checksum.
     """
 
-    def __init__(self, crcs: list[int | None] | None = None) -> None:
+    def __init__(self, crcs: list[int | None]) -> None:
         self._pairs: list[tuple[int, np.ndarray, np.ndarray]] = []
-        self._crcs = crcs if crcs is not None else []
+        self._crcs = crcs
         self.nbytes = 0
 
     def add(self, index: int, buf: np.ndarray, view: np.ndarray) -> None:
@@ -556,9 +556,7 @@ class DeferredCopy:
         try:
             while pairs:
                 index, buf, view = pairs.pop()
-                crc = copy_checksummed(buf, view)
-                if index < len(self._crcs):
-                    self._crcs[index] = crc
+                self._crcs[index] = copy_checksummed(buf, view)
                 del buf, view
         finally:
             pairs.clear()
